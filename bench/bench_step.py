@@ -1,0 +1,92 @@
+"""Times the decoder train step on synthetic tokens: step time, tokens/s, MFU. No TensorFlow.
+
+    python bench/bench_step.py                       # the ~350M decoder of bench/README.md
+    python bench/bench_step.py --preset=tiny         # a CPU smoke run
+    python bench/bench_step.py --set model.remat=dots --set data.batch_size=32
+
+MFU = analytic model FLOPs per step (flops.py: causal attention counted at half, no remat
+recompute) / measured step time / (devices x bf16 peak). Compilation is excluded; the median of
+``--steps`` timed steps after ``--warmup`` is reported.
+"""
+import argparse
+import ast
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from raptr_jax import flops as flops_lib
+from raptr_jax import train as train_lib
+from raptr_jax.config import base_config
+from raptr_jax.data.pipeline import synthetic_batch
+
+PRESETS = {
+    # ~370M parameters: d=1024, 24 layers, 16 heads, MLP 4096, vocab 32k, seq 1024, batch 16.
+    "350m": dict(model=dict(d_model=1024, num_layers=24, num_heads=16, head_dim=64, mlp_dim=4096,
+                            gated_mlp=False, vocab_size=32768),
+                 data=dict(seq_len=1024, batch_size=16)),
+    "tiny": dict(model=dict(d_model=128, num_layers=2, num_heads=2, head_dim=64, mlp_dim=512,
+                            gated_mlp=False, vocab_size=1024),
+                 data=dict(seq_len=128, batch_size=4)),
+}
+
+
+def bench_config(preset: str, overrides: list[str]):
+  cfg = base_config()
+  cfg.data.source = "synthetic"
+  for section, values in PRESETS[preset].items():
+    cfg[section].update(values)
+  for item in overrides:
+    key, _, value = item.partition("=")
+    section, field = key.split(".")
+    try:
+      value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      pass
+    cfg[section][field] = value
+  return cfg
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--preset", default="350m", choices=sorted(PRESETS))
+  parser.add_argument("--set", action="append", default=[], help="section.field=value override")
+  parser.add_argument("--warmup", type=int, default=3)
+  parser.add_argument("--steps", type=int, default=10)
+  args = parser.parse_args()
+  cfg = bench_config(args.preset, args.set)
+  run = train_lib.setup(cfg)
+  state = run.init()
+  step_fn = run.steps.train_step(run.plan.stages[0])
+  batch = train_lib.device_batch(
+      synthetic_batch(cfg.data.batch_size, cfg.data.seq_len, run.model_cfg.vocab_size), run.mesh)
+  key = jax.random.key(0)
+  t = time.perf_counter()
+  state, m = step_fn(state, batch, key, jnp.float32(0.5))
+  jax.block_until_ready(m)
+  compile_s = time.perf_counter() - t
+  for _ in range(args.warmup):
+    state, m = step_fn(state, batch, key, jnp.float32(0.5))
+  jax.block_until_ready(m)
+  times = []
+  for _ in range(args.steps):
+    t = time.perf_counter()
+    state, m = step_fn(state, batch, key, jnp.float32(0.5))
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t)
+  step_s = statistics.median(times)
+  tokens = cfg.data.batch_size * cfg.data.seq_len
+  flops = flops_lib.train_flops_per_step(run.model_cfg, cfg.data.batch_size, cfg.data.seq_len)
+  params = sum(x.size for x in jax.tree.leaves(state.params))
+  peak = flops_lib.device_peak_flops()
+  mfu = f"{flops / step_s / (peak * jax.device_count()):.1%}" if peak else "n/a (unknown device peak)"
+  print(f"device: {jax.device_count()} x {jax.devices()[0].device_kind}  jax {jax.__version__}")
+  print(f"model: {params / 1e6:.0f}M params, {cfg.model.num_layers} layers, d={cfg.model.d_model}, "
+        f"batch {cfg.data.batch_size} x seq {cfg.data.seq_len}, dtype {cfg.model.dtype}, remat {cfg.model.remat}")
+  print(f"compile {compile_s:.1f}s | step {step_s * 1e3:.1f} ms (median of {args.steps}) | "
+        f"{tokens / step_s:,.0f} tokens/s | {flops / step_s / 1e12:.1f} TFLOP/s | MFU {mfu} | loss {float(m['loss']):.3f}")
+
+
+if __name__ == "__main__":
+  main()

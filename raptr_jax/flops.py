@@ -1,0 +1,50 @@
+"""Analytic training FLOPs of the transformer (model FLOPs: no remat recompute), and MFU.
+
+Per token, the forward pass of one layer costs 2 * (matmul parameters) FLOPs plus attention
+scores: QK^T and AV each 2 * T * heads * head_dim, halved for causal attention (MaxText's
+convention). The head adds 2 * d * V. Training = 3 x forward (backward = 2 x forward).
+A layer that sees only ``r`` of ``T`` tokens costs its matmuls on r tokens and attention on r^2.
+"""
+import jax
+
+# Dense bf16 peak FLOP/s per device (no sparsity).
+PEAK_BF16_FLOPS = {
+    "H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12, "B200": 2250e12,
+    "A100": 312e12, "A10G": 125e12, "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12,
+    "TPU v3": 123e12, "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
+    "TPU v5p": 459e12, "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+}
+
+
+def layer_forward_flops(cfg, tokens: int, seq_len: int, causal: bool = True) -> float:
+  """Forward FLOPs of one block over ``tokens`` tokens arranged in rows of ``seq_len``."""
+  d, n, h, f = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.mlp_dim
+  proj = 2 * d * n * h * 4
+  mlp = 2 * d * f * (3 if cfg.gated_mlp else 2)
+  attn = 2 * 2 * seq_len * n * h * (0.5 if causal else 1.0)
+  return tokens * (proj + mlp + attn)
+
+
+def train_flops_per_step(cfg, batch: int, seq_len: int, num_layers: int | None = None,
+                         dropped_layers: int = 0, kept_tokens: int | None = None,
+                         causal: bool = True) -> float:
+  """Model FLOPs of one training step (forward + backward) of ``num_layers`` active layers,
+  ``dropped_layers`` of which see only ``kept_tokens`` tokens per row."""
+  num_layers = cfg.num_layers if num_layers is None else num_layers
+  tokens = batch * seq_len
+  full = layer_forward_flops(cfg, tokens, seq_len, causal) * (num_layers - dropped_layers)
+  if dropped_layers:
+    r = kept_tokens or seq_len
+    full += layer_forward_flops(cfg, batch * r, r, causal) * dropped_layers
+  head = 2 * cfg.d_model * cfg.vocab_size * tokens
+  return 3.0 * (full + head)
+
+
+def device_peak_flops(device=None) -> float | None:
+  """bf16 peak of a known accelerator, else None (CPU: MFU is not reported)."""
+  device = device or jax.devices()[0]
+  kind = getattr(device, "device_kind", "")
+  for name, peak in sorted(PEAK_BF16_FLOPS.items(), key=lambda kv: -len(kv[0])):
+    if name.lower() in kind.lower():
+      return peak
+  return None

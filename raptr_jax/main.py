@@ -1,0 +1,56 @@
+"""Command line: ``python -m raptr_jax.main --config=configs/ul2.py[:preset] [--workdir=DIR]``.
+
+Any config field can be overridden with ``--config.section.field=value``; an unknown field is an
+error. Without ``--workdir`` outputs go to ``runs/<config>[-<preset>]``; re-running the same
+command resumes from the newest checkpoint there.
+"""
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from raptr_jax import config as config_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/ul2.py:tiny.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (default: runs/<config>[-<preset>]).")
+
+
+def default_workdir(config_arg: str) -> str:
+  path, _, preset = config_arg.partition(":")
+  name = os.path.splitext(os.path.basename(path))[0]
+  return os.path.join("runs", f"{name}-{preset}" if preset else name)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _CONFIG.value is None:
+    raise app.UsageError("--config is required, e.g. --config=configs/ul2.py")
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  cfg = _CONFIG.value
+  try:
+    config_lib.validate(cfg)
+  except ValueError as e:
+    sys.exit(f"config error: {e}")
+  from raptr_jax import train  # pylint: disable=g-import-not-at-top  (jax start-up after flag errors)
+  workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
+  try:
+    train.train(cfg, workdir)
+  except (ValueError, train.TrainingError, train.ckpt_lib.CheckpointError) as e:
+    sys.exit(f"error: {e}")
+
+
+def parse_flags(argv):
+  """absl flag parsing with config errors (unknown field, bad value) as one clear line."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
+    message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    sys.exit(f"config error: {message}\n(config fields are listed in raptr_jax/config.py; "
+             "override them as --config.section.field=value)")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,65 @@
+"""The static description of a transformer: sizes, dtypes, position scheme, remat policy."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_all": jax.checkpoint_policies.dots_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int
+  d_model: int
+  num_layers: int
+  num_heads: int
+  head_dim: int
+  mlp_dim: int
+  gated_mlp: bool = True
+  activation: str = "gelu"
+  position: str = "rotary"          # rotary | learned
+  max_len: int = 2048               # learned positions only
+  tied_embeddings: bool = False
+  dtype: str = "bfloat16"           # compute dtype; params are kept in param_dtype
+  param_dtype: str = "float32"
+  remat: str = "none"               # none | full | dots | dots_all
+  scan_layers: bool = True
+  norm_eps: float = 1e-6
+  init_std: float = 0.02
+  attention_impl: str | None = None  # None (auto) | xla | cudnn
+
+  def __post_init__(self):
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "head_dim", "mlp_dim"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+    if self.position not in ("rotary", "learned"):
+      raise ValueError(f"model.position must be 'rotary' or 'learned', got {self.position!r}")
+    if self.position == "rotary" and self.head_dim % 2:
+      raise ValueError(f"rotary positions need an even model.head_dim, got {self.head_dim}")
+    if self.activation not in ("gelu", "silu", "relu"):
+      raise ValueError(f"model.activation must be gelu, silu or relu, got {self.activation!r}")
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in DTYPES:
+        raise ValueError(f"model.{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"model.remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
+    if self.attention_impl not in (None, "xla", "cudnn"):
+      raise ValueError(f"model.attention_impl must be None, 'xla' or 'cudnn', got {self.attention_impl!r}")
+
+  @property
+  def compute_dtype(self):
+    return DTYPES[self.dtype]
+
+  @property
+  def params_dtype(self):
+    return DTYPES[self.param_dtype]
+
+
+def padded_vocab_size(vocab_size: int, multiple: int = 128) -> int:
+  return -(-vocab_size // multiple) * multiple

@@ -1,0 +1,77 @@
+"""A run is a plan: an ordered list of stages over one progress clock.
+
+* The **clock** counts progress in the budget's unit: ``steps`` (1 per step) or ``tokens``
+  (batch x sequence length per step: every position the model is fed, padding included). Each
+  stage says what one of its steps costs, so methods whose steps differ in cost are charged
+  honestly. The budget fraction ``progress / budget`` drives the LR schedule, stage boundaries
+  and eval cadence.
+* A **stage** ends at a budget fraction and has a static ``shape`` key: steps are compiled once
+  per distinct key. ``select(key, batch)`` (or None for the full model) builds the stage's
+  ``Selection`` inside the jitted step from the step's PRNG key.
+"""
+import dataclasses
+from typing import Callable, Hashable
+
+UNITS = ("steps", "tokens")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  name: str
+  end: float                              # budget fraction at which the stage ends
+  shape: Hashable = ("full",)             # compile-cache key of the stage's step
+  select: Callable | None = None          # (key, batch) -> Selection | None, traced in the step
+  active_layers: int | None = None        # for FLOPs accounting (None: all)
+  tokens_per_step: int | None = None      # charge for the tokens clock (None: batch x seq_len)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  stages: tuple[Stage, ...]
+  unit: str
+  budget: float
+  tokens_per_step: int
+
+  def __post_init__(self):
+    if self.unit not in UNITS:
+      raise ValueError(f"budget.unit must be one of {UNITS}, got {self.unit!r}")
+    if not self.budget > 0:
+      raise ValueError(f"budget.value must be positive, got {self.budget}")
+    if not self.stages:
+      raise ValueError("a plan needs at least one stage")
+    ends = [s.end for s in self.stages]
+    if any(b <= a for a, b in zip(ends, ends[1:])) or ends[0] <= 0:
+      raise ValueError(f"stage ends must increase within (0, 1], got {ends}")
+    if abs(ends[-1] - 1.0) > 1e-9:
+      raise ValueError(f"the last stage must end at the budget (1.0), got {ends[-1]}")
+
+  def stage_index(self, fraction: float) -> int:
+    for i, stage in enumerate(self.stages):
+      if fraction < stage.end - 1e-12:
+        return i
+    return len(self.stages) - 1
+
+  def charge(self, stage: Stage) -> float:
+    """Progress one step of ``stage`` adds, in the budget's unit."""
+    if self.unit == "steps":
+      return 1.0
+    return float(stage.tokens_per_step or self.tokens_per_step)
+
+  def total_steps(self) -> int:
+    """Steps the plan will run (each stage's steps until its end fraction is reached)."""
+    progress, steps = 0.0, 0
+    while progress < self.budget:
+      progress += self.charge(self.stages[self.stage_index(progress / self.budget)])
+      steps += 1
+    return steps
+
+
+def baseline_plan(unit: str, budget: float, tokens_per_step: int) -> Plan:
+  return Plan((Stage("full", 1.0),), unit, float(budget), tokens_per_step)
+
+
+def crossed(prev_fraction: float, fraction: float, every: float) -> bool:
+  """True when a multiple of ``every`` lies in (prev_fraction, fraction]."""
+  if every <= 0:
+    return False
+  return int(fraction / every + 1e-9) > int(prev_fraction / every + 1e-9)

@@ -1,0 +1,127 @@
+"""The pure train and eval steps, jitted with shardings and donation over the mesh.
+
+``train_step(state, batch, key, progress) -> (state, metrics)``: ``progress`` is the budget
+fraction at the start of the step (it sets the LR); ``key`` is the step's PRNG key, from which a
+stage's ``select`` draws its layer/token selection, so one compiled step serves a whole stage.
+"""
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from raptr_jax import sharding as shd
+
+BATCH_FIELDS = ("inputs", "targets", "weights", "prefix", "segment_ids", "positions")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class StepContext:
+  """Everything a step needs besides arrays: model structure, loss, optimizer, shardings."""
+  graphdef: Any
+  loss_fn: Callable
+  tx: optax.GradientTransformation
+  lr_fn: Callable           # budget fraction -> learning rate
+  mesh: jax.sharding.Mesh
+  state_shardings: Any
+  packed: bool = True       # False: one causal row per example, no masks (benchmarks)
+
+
+def _fit(sharding: NamedSharding, shape) -> NamedSharding:
+  """Keeps a param's sharding for a same-shaped state leaf, else replicates (factored stats)."""
+  spec = tuple(sharding.spec)
+  if len(spec) != len(shape):
+    return NamedSharding(sharding.mesh, P())
+  for axes, dim in zip(spec, shape):
+    if axes is None:
+      continue
+    size = 1
+    for a in (axes,) if isinstance(axes, str) else axes:
+      size *= sharding.mesh.shape[a]
+    if dim % size:
+      return NamedSharding(sharding.mesh, P())
+  return sharding
+
+
+def init_fn(model_factory: Callable, tx) -> Callable:
+  def init():
+    params = nnx.to_pure_dict(nnx.state(model_factory(), nnx.Param))
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+  return init
+
+
+def state_shardings(abstract_state: TrainState, axes_tree, mesh, tx) -> TrainState:
+  params = shd.param_shardings(abstract_state.params, axes_tree, mesh)
+  repl = shd.replicated(mesh)
+  opt = optax.tree_map_params(tx, lambda p, s: s, abstract_state.opt_state, params,
+                              transform_non_params=lambda _: repl)
+  opt = jax.tree.map(lambda s, a: _fit(s, a.shape) if isinstance(s, NamedSharding) else repl,
+                     opt, abstract_state.opt_state)
+  return TrainState(repl, params, opt)
+
+
+def batch_shardings(mesh):
+  return {k: shd.batch_sharding(mesh) for k in BATCH_FIELDS}
+
+
+def make_train_step(ctx: StepContext, select: Callable | None):
+  def train_step(state: TrainState, batch, key, progress):
+    def loss_of(params):
+      model = nnx.merge(ctx.graphdef, params)
+      selection = select(key, batch) if select is not None else None
+      return ctx.loss_fn(model, batch, selection, ctx.packed)
+
+    (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+    updates, opt_state = ctx.tx.update(grads, state.opt_state, state.params)
+    lr = ctx.lr_fn(progress)
+    params = jax.tree.map(lambda p, u: (p - lr * u).astype(p.dtype), state.params, updates)
+    metrics = {"loss": loss, "lr": lr, "grad_norm": optax.global_norm(grads),
+               "update_norm": lr * optax.global_norm(updates), "loss_tokens": aux["loss_tokens"]}
+    return TrainState(state.step + 1, params, opt_state), metrics
+
+  repl = shd.replicated(ctx.mesh)
+  return jax.jit(train_step,
+                 in_shardings=(ctx.state_shardings, batch_shardings(ctx.mesh), repl, repl),
+                 out_shardings=(ctx.state_shardings, repl),
+                 donate_argnums=(0,))
+
+
+def make_eval_step(ctx: StepContext):
+  """Full-model (no selection) summed loss and token count of one batch."""
+  def eval_step(params, batch):
+    model = nnx.merge(ctx.graphdef, params)
+    _, aux = ctx.loss_fn(model, batch, None, ctx.packed)
+    return aux["loss_sum"], aux["loss_tokens"]
+
+  repl = shd.replicated(ctx.mesh)
+  return jax.jit(eval_step, in_shardings=(ctx.state_shardings.params, batch_shardings(ctx.mesh)),
+                 out_shardings=(repl, repl))
+
+
+class StepCache:
+  """One compiled train step per distinct stage shape."""
+
+  def __init__(self, ctx: StepContext):
+    self.ctx = ctx
+    self._steps = {}
+    self.eval_step = make_eval_step(ctx)
+
+  def train_step(self, stage):
+    if stage.shape not in self._steps:
+      self._steps[stage.shape] = make_train_step(self.ctx, stage.select)
+    return self._steps[stage.shape]
+
+  @property
+  def compiled_shapes(self):
+    return tuple(self._steps)

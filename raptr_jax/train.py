@@ -1,0 +1,234 @@
+"""The training loop: plan -> stages -> steps, with eval, checkpoints and metrics.
+
+    state = init or restore(workdir)
+    while progress < budget:
+      stage = plan.stage_at(progress / budget)
+      state, metrics = step_for(stage)(state, batch, key(step), progress / budget)
+      progress += plan.charge(stage)
+      log / eval / checkpoint at their cadences
+
+All randomness is a function of (seed, step) and the data stream's saved position, so a run that
+is killed and re-started with the same workdir reaches the same losses as one that was not.
+"""
+import dataclasses
+import functools
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from raptr_jax import checkpoint as ckpt_lib
+from raptr_jax import flops as flops_lib
+from raptr_jax import metrics as metrics_lib
+from raptr_jax import plan as plan_lib
+from raptr_jax import sharding as shd
+from raptr_jax import step as step_lib
+from raptr_jax.config import validate
+from raptr_jax.data import pipeline
+from raptr_jax.data.vocab import load_vocabulary
+from raptr_jax.models import FAMILIES, model_config
+from raptr_jax.optim import build_optimizer, decay_mask, learning_rate
+
+
+class TrainingError(RuntimeError):
+  pass
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything built from a config before the first step (also used by tests and tools)."""
+  cfg: object
+  mesh: jax.sharding.Mesh
+  model_cfg: object
+  plan: plan_lib.Plan
+  steps: step_lib.StepCache
+  init: object
+  abstract_state: object
+
+
+def build_plan(cfg) -> plan_lib.Plan:
+  tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+  return plan_lib.baseline_plan(cfg.budget.unit, cfg.budget.value, tokens_per_step)
+
+
+def setup(cfg) -> Run:
+  validate(cfg)
+  mesh = shd.make_mesh(cfg.mesh)
+  dp = shd.data_parallel_size(mesh)
+  if cfg.data.batch_size % dp:
+    raise ValueError(f"data.batch_size {cfg.data.batch_size} is not divisible by the data-parallel "
+                     f"size {dp} (mesh.data x mesh.fsdp); use a multiple of {dp}")
+  if cfg.data.batch_size % jax.process_count():
+    raise ValueError(f"data.batch_size {cfg.data.batch_size} is not divisible by the "
+                     f"{jax.process_count()} hosts")
+  vocab_size = load_vocabulary(cfg.data.vocab_path).vocab_size if cfg.data.source == "builtin" else 0
+  if not (cfg.model.vocab_size or vocab_size):
+    raise ValueError("model.vocab_size must be set when the data source has no vocabulary")
+  mcfg = model_config(cfg.model, vocab_size)
+  if cfg.model.family not in FAMILIES:
+    raise ValueError(f"unknown model.family {cfg.model.family!r}; available: {sorted(FAMILIES)}")
+  model_cls, loss_fn = FAMILIES[cfg.model.family]
+  factory = lambda: model_cls(mcfg, rngs=nnx.Rngs(params=cfg.seed))
+  graphdef, abstract_params = nnx.split(nnx.eval_shape(factory))
+  axes = shd.logical_axes_tree(abstract_params)
+  pure = nnx.to_pure_dict(abstract_params)
+  tx = build_optimizer(cfg.optimizer, mask=decay_mask(pure, axes))
+  init = step_lib.init_fn(factory, tx)
+  abstract = jax.eval_shape(init)
+  shardings = step_lib.state_shardings(abstract, axes, mesh, tx)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  s = cfg.schedule
+  lr_fn = functools.partial(learning_rate, name=s.name, peak=s.peak, warmup=s.warmup, final=s.final)
+  ctx = step_lib.StepContext(graphdef, loss_fn, tx, lr_fn, mesh, shardings,
+                             packed=cfg.data.source != "synthetic")
+  init_jit = jax.jit(init, out_shardings=shardings)
+  return Run(cfg, mesh, mcfg, build_plan(cfg), step_lib.StepCache(ctx), init_jit, abstract)
+
+
+def device_batch(batch, mesh):
+  """Puts this host's rows of a global numpy batch onto the mesh as global arrays."""
+  local = pipeline.host_rows(batch, jax.process_index(), jax.process_count())
+  sharding = shd.batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(local[k]))
+          for k in step_lib.BATCH_FIELDS}
+
+
+def evaluate(run: Run, params, batches) -> float:
+  total, count = 0.0, 0.0
+  for batch in batches:
+    s, c = run.steps.eval_step(params, device_batch(batch, run.mesh))
+    total, count = total + s, count + c
+  return float(total / jnp.maximum(count, 1.0))
+
+
+def _run_meta(cfg, mcfg) -> dict:
+  return {"model": dataclasses.asdict(mcfg), "optimizer": cfg.optimizer.name,
+          "batch_size": cfg.data.batch_size, "seq_len": cfg.data.seq_len, "unit": cfg.budget.unit}
+
+
+def _check_finite(host_metrics, step, fraction, checkpointer):
+  """Stops before a non-finite state can be logged as progress or saved over good checkpoints."""
+  bad = {k: float(host_metrics[k]) for k in ("loss", "grad_norm", "update_norm")
+         if not math.isfinite(float(host_metrics[k]))}
+  if bad:
+    checkpointer.wait()
+    raise TrainingError(
+        f"non-finite training metrics {bad} at step {step} ({fraction:.1%} of the budget). "
+        f"Checkpoints already written are intact (latest: step {checkpointer.latest_step()}); "
+        "lower schedule.peak or raise schedule.warmup / optimizer.grad_clip, then re-run the "
+        "same command to resume from the latest checkpoint.")
+
+
+def train(cfg, workdir: str) -> dict:
+  """Trains (or resumes) the run of ``cfg`` in ``workdir``; returns the final metrics."""
+  if cfg.distributed.initialize:
+    jax.distributed.initialize()
+  run = setup(cfg)
+  lead = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  plan, mesh = run.plan, run.mesh
+  budget = plan.budget
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint.keep,
+                                       cfg.checkpoint.async_save)
+  writer = metrics_lib.MetricWriter(workdir, cfg.log.tensorboard, enabled=lead)
+  stream = pipeline.build_stream(cfg.data, "train", cfg.data.batch_size, cfg.seed, train=True)
+  val = pipeline.build_stream(cfg.data, "validation", cfg.data.batch_size, cfg.seed, train=False)
+  eval_batches = [b for _, b in zip(range(cfg.eval.batches or 1 << 30), val)]
+  expected_meta = _run_meta(cfg, run.model_cfg)
+
+  start = checkpointer.latest_step()
+  if start is None:
+    state, progress, step = run.init(), 0.0, 0
+  else:
+    state, meta = checkpointer.restore(start, run.abstract_state, expected_meta)
+    progress, step = float(meta["progress"]), int(meta["step"])
+    stream.set_state(meta["data"])
+    writer.truncate_after(step)
+    if lead:
+      print(f"resumed from {checkpointer.directory}/{step} at {progress / budget:.1%} of the budget")
+
+  def save(step, state, progress):
+    checkpointer.save(step, state, expected_meta | {
+        "step": step, "progress": progress, "data": stream.get_state()})
+
+  if start is None and cfg.eval.at_start:
+    initial = evaluate(run, state.params, eval_batches)
+    writer.write(0, {"progress": 0.0, "progress_units": 0.0, "tokens": 0, "eval/loss": initial})
+    if lead:
+      print(f"step 0: eval/loss {initial:.4f}")
+
+  base_key = jax.random.key(cfg.seed)
+  peak = cfg.train.peak_flops or flops_lib.device_peak_flops()
+  bar = metrics_lib.ProgressBar(budget, plan.unit, progress, enabled=lead and cfg.log.progress_bar)
+  window, window_tokens, window_flops, t0 = [], 0.0, 0.0, time.perf_counter()
+  wall0, last = time.perf_counter(), {}
+  compiled = set(run.steps.compiled_shapes)
+  try:
+    while progress < budget:
+      fraction = progress / budget
+      stage_index = plan.stage_index(fraction)
+      stage = plan.stages[stage_index]
+      train_step = run.steps.train_step(stage)
+      batch = stream.next_batch()
+      key = jax.random.fold_in(base_key, step)
+      state, m = train_step(state, device_batch(batch, mesh), key, jnp.float32(fraction))
+      step += 1
+      charge = plan.charge(stage)
+      prev, progress = fraction, progress + charge
+      if stage.shape not in compiled:  # exclude compilation from step timing
+        jax.block_until_ready(m)
+        compiled.add(stage.shape)
+        window, window_tokens, window_flops, t0 = [], 0.0, 0.0, time.perf_counter()
+      else:
+        window.append(m)
+        window_tokens += cfg.data.batch_size * cfg.data.seq_len
+        window_flops += flops_lib.train_flops_per_step(
+            run.model_cfg, cfg.data.batch_size, cfg.data.seq_len, stage.active_layers)
+      frac = progress / budget
+      do_eval = plan_lib.crossed(prev, frac, cfg.eval.every) or progress >= budget
+      do_log = step % cfg.log.every == 0 or do_eval or progress >= budget
+      do_save = progress >= budget or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
+      row = {}
+      if do_log or do_save:
+        host = jax.device_get(m)
+        _check_finite(host, step, frac, checkpointer)
+      if do_log:
+        dt = time.perf_counter() - t0
+        row = {"progress": frac, "progress_units": progress, "stage": stage_index,
+               "train/loss": float(np.mean([float(w["loss"]) for w in jax.device_get(window)] or [host["loss"]])),
+               "lr": host["lr"], "grad_norm": host["grad_norm"], "update_norm": host["update_norm"],
+               "tokens": step * cfg.data.batch_size * cfg.data.seq_len,
+               "wall_s": time.perf_counter() - wall0}
+        if window:
+          row |= {"step_time": dt / len(window), "tokens_per_s": window_tokens / dt}
+          if peak:
+            row["mfu"] = window_flops / dt / peak / jax.device_count()
+        window, window_tokens, window_flops, t0 = [], 0.0, 0.0, time.perf_counter()
+      if do_eval:
+        row["eval/loss"] = evaluate(run, state.params, eval_batches)
+        if lead:
+          bar.write(f"step {step}: eval/loss {row['eval/loss']:.4f} ({frac:.0%} of the budget)")
+        t0 = time.perf_counter()
+      if row:
+        writer.write(step, row)
+        last |= row
+      bar.update(charge, step, last.get("train/loss"), last.get("tokens_per_s"))
+      if do_save:
+        save(step, state, progress)
+      if cfg.train.stop_at_step and step >= cfg.train.stop_at_step and progress < budget:
+        checkpointer.wait()
+        if lead:
+          bar.write(f"stopped at step {step} (train.stop_at_step); re-run to resume")
+        return {"step": step, "stopped": True, **last}
+  finally:
+    bar.close()
+    checkpointer.close()
+    writer.close()
+  if lead:
+    print(f"done: {step} steps, eval/loss {last.get('eval/loss', float('nan')):.4f}\n"
+          f"outputs in {os.path.abspath(workdir)}: metrics.jsonl, tensorboard/, checkpoints/")
+  return {"step": step, "stopped": False, **last}

@@ -1,0 +1,27 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="raptr_jax",
+    version="0.1.0",
+    description="Efficient Transformer pretraining in JAX: RaPTr, layer dropping, stacking, "
+                "random-LTD, batch selection, Lion/Sophia, under one fair budget protocol.",
+    packages=find_packages(include=["raptr_jax", "raptr_jax.*"]),
+    package_data={"raptr_jax.data.builtin": ["*.jsonl.gz", "*.model"]},
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.5.0,<0.13",
+        "flax>=0.11.0,<0.13",
+        "optax>=0.2.4,<0.3",
+        "orbax-checkpoint>=0.11.0,<0.13",
+        "ml-collections>=1.0,<2",
+        "absl-py>=2.0",
+        "numpy>=1.26",
+        "sentencepiece>=0.2,<0.3",
+        "tqdm>=4.66",
+        "tensorboardX>=2.6",
+        "matplotlib>=3.8",
+    ],
+    extras_require={
+        "test": ["pytest>=8"],
+    },
+)

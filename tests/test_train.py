@@ -1,0 +1,139 @@
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from raptr_jax import config as config_lib
+from raptr_jax import plan as plan_lib
+from raptr_jax import train as train_lib
+from raptr_jax.checkpoint import CheckpointError
+from raptr_jax.metrics import read_metrics
+from raptr_jax.models import LayerSelection, Selection
+from conftest import ROOT
+
+
+def test_resumed_run_reaches_the_losses_of_an_uninterrupted_one(tiny_config, tmp_path):
+  cfg = tiny_config
+  cfg.budget.value, cfg.checkpoint.every, cfg.log.every, cfg.eval.every = 12, 4, 1, 0.5
+  train_lib.train(cfg, str(tmp_path / "straight"))
+  cfg.train.stop_at_step = 6  # "killed" after step 6: steps 5 and 6 are lost, step 4 is saved
+  out = train_lib.train(cfg, str(tmp_path / "killed"))
+  assert out["stopped"] and out["step"] == 6
+  cfg.train.stop_at_step = 0
+  train_lib.train(cfg, str(tmp_path / "killed"))
+  straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "killed")
+  assert [r["step"] for r in resumed] == [r["step"] for r in straight] == list(range(0, 13))
+  for a, b in zip(straight, resumed):
+    for key in ("train/loss", "lr", "grad_norm", "eval/loss"):
+      assert (key in a) == (key in b)
+      if key in a:
+        assert a[key] == b[key], (a["step"], key)
+
+
+def test_default_objective_learns_and_metrics_have_the_promised_fields(tiny_config, tmp_path):
+  cfg = tiny_config
+  cfg.budget.value, cfg.eval.every = 40, 0.25
+  out = train_lib.train(cfg, str(tmp_path))
+  rows = read_metrics(tmp_path)
+  evals = [r["eval/loss"] for r in rows if "eval/loss" in r]
+  assert len(evals) == 5 and rows[0]["step"] == 0
+  assert abs(evals[0] - math.log(8192)) < 0.5  # an untrained model is near uniform
+  assert evals[-1] < evals[1] < evals[0] and evals[-1] < 0.85 * evals[0]
+  for key in ("step", "progress", "train/loss", "lr", "grad_norm", "tokens", "tokens_per_s", "step_time"):
+    assert key in rows[-1], key
+  assert rows[-1]["progress"] == pytest.approx(1.0)
+  assert rows[-1]["tokens"] == 40 * cfg.data.batch_size * cfg.data.seq_len
+  assert out["step"] == 40
+
+
+def test_tokens_budget_stops_at_the_budget(tiny_config, tmp_path):
+  cfg = tiny_config
+  per_step = cfg.data.batch_size * cfg.data.seq_len
+  cfg.budget.unit, cfg.budget.value = "tokens", 7.5 * per_step
+  out = train_lib.train(cfg, str(tmp_path))
+  assert out["step"] == 8
+  rows = read_metrics(tmp_path)
+  assert rows[-1]["progress_units"] == 8 * per_step
+
+
+def test_each_stage_shape_compiles_once_and_stages_switch_on_the_clock(tiny_config, tmp_path, monkeypatch):
+  traces = []
+
+  def half_depth(key, batch):
+    traces.append("half")
+    return Selection(layers=LayerSelection(jnp.array([1], jnp.int32), jnp.ones(1)))
+
+  def two_stages(cfg):
+    stages = (plan_lib.Stage("half", 0.5, shape=("layers", 1), select=half_depth, active_layers=1),
+              plan_lib.Stage("full", 1.0))
+    return plan_lib.Plan(stages, "steps", cfg.budget.value, 1)
+
+  monkeypatch.setattr(train_lib, "build_plan", two_stages)
+  cfg = tiny_config
+  cfg.budget.value, cfg.log.every = 10, 1
+  train_lib.train(cfg, str(tmp_path))
+  rows = read_metrics(tmp_path)[1:]
+  assert [r["stage"] for r in rows] == [0] * 5 + [1] * 5
+  assert traces == ["half"]  # traced (compiled) once for the whole stage
+
+
+def test_incompatible_checkpoint_is_refused_with_a_clear_message(tiny_config, tmp_path):
+  cfg = tiny_config
+  cfg.budget.value = 4
+  train_lib.train(cfg, str(tmp_path))
+  cfg.budget.value = 8
+  cfg.model.d_model = 32
+  with pytest.raises(CheckpointError, match=r"model.d_model: 64 there, 32 here.*fresh --workdir"):
+    train_lib.train(cfg, str(tmp_path))
+
+
+def test_nan_stops_with_advice_and_the_run_resumes_from_a_good_checkpoint(tiny_config, tmp_path, monkeypatch):
+  def lr_that_breaks(t, **kwargs):
+    return jnp.where(t > 0.35, jnp.nan, 1e-3)
+
+  monkeypatch.setattr(train_lib, "learning_rate", lr_that_breaks)
+  cfg = tiny_config
+  cfg.budget.value, cfg.checkpoint.every, cfg.log.every = 10, 1, 5
+  with pytest.raises(train_lib.TrainingError, match="non-finite.*step 5.*latest: step 4.*schedule.peak"):
+    train_lib.train(cfg, str(tmp_path))
+  saved = sorted(int(p) for p in os.listdir(tmp_path / "checkpoints") if p.isdigit())
+  assert saved[-1] == 4
+  monkeypatch.undo()
+  out = train_lib.train(cfg, str(tmp_path))  # resumes from step 4 with a sane schedule
+  assert out["step"] == 10 and math.isfinite(out["train/loss"])
+
+
+def test_config_validation_names_the_field():
+  cfg = config_lib.base_config()
+  cfg.model.dmodel = 3
+  with pytest.raises(ValueError, match="unknown config field 'model.dmodel'"):
+    config_lib.validate(cfg)
+  for field, value, match in [("budget.value", 0, "positive"), ("budget.unit", "hours", "budget.unit"),
+                              ("optimizer.name", "sgd", "optimizer.name"), ("eval.every", 2, "eval.every")]:
+    cfg = config_lib.base_config()
+    section, key = field.split(".")
+    cfg[section][key] = value
+    with pytest.raises(ValueError, match=match):
+      config_lib.validate(cfg)
+
+
+def _main(*args, devices=1):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "raptr_jax.main", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_cli_errors_are_one_clear_line(tmp_path):
+  out = _main("--config=configs/ul2.py:tiny", f"--workdir={tmp_path}", "--config.modle.d_model=3")
+  assert out.returncode != 0 and 'Did you mean "model"' in out.stderr and "Traceback" not in out.stderr
+  out = _main("--config=configs/ul2.py:tiny", f"--workdir={tmp_path}", "--config.mesh.data=8",
+              "--config.data.batch_size=4", devices=8)
+  assert out.returncode != 0 and "not divisible by the data-parallel size 8" in out.stderr
+  assert "Traceback" not in out.stderr
+  out = _main("--config=configs/ul2.py:huge", f"--workdir={tmp_path}")
+  assert out.returncode != 0 and "unknown preset 'huge'" in out.stderr

@@ -38,7 +38,7 @@ def main(argv):
   workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
   try:
     train.train(cfg, workdir)
-  except (ValueError, train.TrainingError, train.ckpt_lib.CheckpointError) as e:
+  except (ValueError, OSError, train.TrainingError, train.ckpt_lib.CheckpointError) as e:
     sys.exit(f"error: {e}")
 
 

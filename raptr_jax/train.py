@@ -140,6 +140,9 @@ def train(cfg, workdir: str) -> dict:
   eval_batches = [b for _, b in zip(range(cfg.eval.batches or 1 << 30), val)]
   expected_meta = _run_meta(cfg, run.model_cfg)
 
+  if lead:
+    print(f"workdir {os.path.abspath(workdir)}: {plan.unit} budget {budget:g}, "
+          f"{plan.total_steps()} steps, {len(plan.stages)} stage(s), mesh {dict(mesh.shape)}")
   start = checkpointer.latest_step()
   if start is None:
     state, progress, step = run.init(), 0.0, 0

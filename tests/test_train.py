@@ -137,3 +137,14 @@ def test_cli_errors_are_one_clear_line(tmp_path):
   assert "Traceback" not in out.stderr
   out = _main("--config=configs/ul2.py:huge", f"--workdir={tmp_path}")
   assert out.returncode != 0 and "unknown preset 'huge'" in out.stderr
+
+
+def test_corrupt_checkpoint_is_refused_with_a_clear_message(tiny_config, tmp_path):
+  import shutil
+  cfg = tiny_config
+  cfg.budget.value = 4
+  train_lib.train(cfg, str(tmp_path))
+  shutil.rmtree(tmp_path / "checkpoints" / "4" / "state")
+  cfg.budget.value = 8
+  with pytest.raises(CheckpointError, match="checkpoints/4.*(unreadable|does not match)"):
+    train_lib.train(cfg, str(tmp_path))

@@ -156,7 +156,7 @@ def train(cfg, workdir: str) -> dict:
 
   def save(step, state, progress):
     checkpointer.save(step, state, expected_meta | {
-        "step": step, "progress": progress, "data": stream.get_state()})
+        "step": step, "progress": progress, "data": batches.get_state()})
 
   if start is None and cfg.eval.at_start:
     initial = evaluate(run, state.params, eval_batches)
@@ -164,6 +164,7 @@ def train(cfg, workdir: str) -> dict:
     if lead:
       print(f"step 0: eval/loss {initial:.4f}")
 
+  batches = pipeline.Prefetcher(stream, depth=2)
   base_key = jax.random.key(cfg.seed)
   peak = cfg.train.peak_flops or flops_lib.device_peak_flops()
   bar = metrics_lib.ProgressBar(budget, plan.unit, progress, enabled=lead and cfg.log.progress_bar)
@@ -176,7 +177,7 @@ def train(cfg, workdir: str) -> dict:
       stage_index = plan.stage_index(fraction)
       stage = plan.stages[stage_index]
       train_step = run.steps.train_step(stage)
-      batch = stream.next_batch()
+      batch = batches.next_batch()
       key = jax.random.fold_in(base_key, step)
       state, m = train_step(state, device_batch(batch, mesh), key, jnp.float32(fraction))
       step += 1
@@ -228,6 +229,7 @@ def train(cfg, workdir: str) -> dict:
           bar.write(f"stopped at step {step} (train.stop_at_step); re-run to resume")
         return {"step": step, "stopped": True, **last}
   finally:
+    batches.close()
     bar.close()
     checkpointer.close()
     writer.close()

@@ -129,3 +129,20 @@ def test_unknown_source_is_a_clear_error():
   cfg = ConfigDict(dict(source="c4", vocab_path="", objective="ul2", denoisers=(), seq_len=64))
   with pytest.raises(ValueError, match="data.source='c4'"):
     pipeline.build_stream(cfg, "train", 4, seed=1, train=True)
+
+
+def test_prefetcher_state_names_the_position_after_the_last_batch_handed_out():
+  from ml_collections import ConfigDict
+  cfg = ConfigDict(dict(source="builtin", vocab_path="", objective="ul2", denoisers=(), seq_len=64))
+  direct = pipeline.build_stream(cfg, "train", 4, seed=2, train=True)
+  ahead = pipeline.Prefetcher(pipeline.build_stream(cfg, "train", 4, seed=2, train=True), depth=3)
+  for _ in range(3):
+    want, got = direct.next_batch(), ahead.next_batch()
+    np.testing.assert_array_equal(want["inputs"], got["inputs"])
+    assert ahead.get_state() == direct.get_state()
+  ahead.close()
+
+
+def test_missing_vocabulary_names_the_field():
+  with pytest.raises(FileNotFoundError, match="data.vocab_path"):
+    load_vocabulary("/nonexistent/spm.model")

@@ -119,3 +119,50 @@ def build_stream(data_cfg, split: str, batch_size: int, seed: int, train: bool) 
   examples = corpus.chunked_examples(split, data_cfg.vocab_path, data_cfg.seq_len)
   return PackedStream(examples, objective, data_cfg.seq_len, batch_size, seed,
                       shuffle=train, repeat=train)
+
+
+class Prefetcher:
+  """Builds the next batches on a background thread while the device computes.
+
+  Each queued batch travels with the stream state *after* it, so ``get_state()`` always names
+  the position after the last batch handed out, however far the thread has read ahead.
+  """
+
+  def __init__(self, stream: PackedStream, depth: int = 2):
+    import queue  # pylint: disable=g-import-not-at-top
+    import threading  # pylint: disable=g-import-not-at-top
+    self._stream = stream
+    self._state = stream.get_state()
+    self._queue = queue.Queue(maxsize=max(1, depth))
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._fill, daemon=True)
+    self._thread.start()
+
+  def _fill(self):
+    try:
+      while not self._stop.is_set():
+        batch = self._stream.next_batch()
+        self._queue.put((batch, self._stream.get_state(), None))
+        if batch is None:
+          return
+    except Exception as e:  # pylint: disable=broad-except  (re-raised in the consumer)
+      self._queue.put((None, None, e))
+
+  def next_batch(self):
+    batch, state, error = self._queue.get()
+    if error is not None:
+      raise error
+    self._state = state
+    return batch
+
+  def get_state(self) -> dict:
+    return dict(self._state)
+
+  def close(self):
+    self._stop.set()
+    while self._thread.is_alive():
+      try:
+        self._queue.get_nowait()
+      except Exception:  # pylint: disable=broad-except
+        pass
+      self._thread.join(timeout=0.05)

@@ -32,7 +32,7 @@ class ModelConfig:
   scan_layers: bool = True
   norm_eps: float = 1e-6
   init_std: float = 0.02
-  attention_impl: str | None = None  # None (auto) | xla | cudnn
+  attention_impl: str | None = None  # None: cuDNN on GPU in bf16/fp16, else XLA | xla | cudnn
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "head_dim", "mlp_dim"):

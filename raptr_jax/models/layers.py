@@ -35,6 +35,18 @@ def attention_mask(segment_ids, prefix):
   return (same & causal)[:, None]
 
 
+def attention_backend(cfg, dtype):
+  """``cfg.attention_impl``, or for None: cuDNN flash attention on GPU in bf16/fp16, else XLA.
+
+  (``jax.nn.dot_product_attention``'s own None means XLA everywhere.)
+  """
+  if cfg.attention_impl is not None:
+    return cfg.attention_impl
+  if jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16):
+    return "cudnn"
+  return "xla"
+
+
 def attention(p, x, positions, mask, cfg):
   """Multi-head self-attention; ``mask`` None means plain causal (the flash-attention path)."""
   dt = cfg.dtype
@@ -44,7 +56,7 @@ def attention(p, x, positions, mask, cfg):
   if cfg.position == "rotary":
     q, k = rotary(q, positions), rotary(k, positions)
   out = jax.nn.dot_product_attention(
-      q, k, v, mask=mask, is_causal=mask is None, implementation=cfg.attention_impl)
+      q, k, v, mask=mask, is_causal=mask is None, implementation=attention_backend(cfg, q.dtype))
   return jnp.einsum("btnh,nhd->btd", out, p["o"].astype(dt))
 
 

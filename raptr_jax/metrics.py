@@ -2,7 +2,10 @@
 import json
 import math
 import os
+import time
 
+import jax
+import numpy as np
 import tqdm
 
 
@@ -77,3 +80,38 @@ class ProgressBar:
 
   def close(self) -> None:
     self._bar.close()
+
+
+class StepTimer:
+  """Train-loss mean, step time, tokens/s and MFU over the steps since the last report.
+
+  Steps that compiled are left out (``skip``), so timings are steady-state. Metrics stay on
+  device until ``report`` fetches them, which keeps the loop free of per-step host syncs.
+  """
+
+  def __init__(self, peak_flops_per_s: float | None, devices: int):
+    self.peak = peak_flops_per_s
+    self.devices = devices
+    self.reset()
+
+  def reset(self) -> None:
+    self._metrics, self._tokens, self._flops = [], 0.0, 0.0
+    self._t0 = time.perf_counter()
+
+  skip = reset  # after a compiling step: start timing afresh
+
+  def add(self, metrics, tokens: float, flops: float) -> None:
+    self._metrics.append(metrics)
+    self._tokens += tokens
+    self._flops += flops
+
+  def report(self, last_loss: float) -> dict:
+    dt = time.perf_counter() - self._t0
+    losses = [float(m["loss"]) for m in jax.device_get(self._metrics)] or [float(last_loss)]
+    row = {"train/loss": float(np.mean(losses))}
+    if self._metrics:
+      row |= {"step_time": dt / len(self._metrics), "tokens_per_s": self._tokens / dt}
+      if self.peak:
+        row["mfu"] = self._flops / dt / (self.peak * self.devices)
+    self.reset()
+    return row

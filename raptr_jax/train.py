@@ -145,18 +145,28 @@ def train(cfg, workdir: str) -> dict:
           f"{plan.total_steps()} steps, {len(plan.stages)} stage(s), mesh {dict(mesh.shape)}")
   start = checkpointer.latest_step()
   if start is None:
-    state, progress, step = run.init(), 0.0, 0
+    state, progress, step, tokens = run.init(), 0.0, 0, 0
   else:
     state, meta = checkpointer.restore(start, run.abstract_state, expected_meta)
-    progress, step = float(meta["progress"]), int(meta["step"])
+    progress, step, tokens = float(meta["progress"]), int(meta["step"]), int(meta["tokens"])
     stream.set_state(meta["data"])
     writer.truncate_after(step)
     if lead:
       print(f"resumed from {checkpointer.directory}/{step} at {progress / budget:.1%} of the budget")
+    if progress >= budget:
+      checkpointer.close()
+      writer.close()
+      last = {}
+      if lead and os.path.exists(writer.path):
+        for row in metrics_lib.read_metrics(workdir):
+          last |= row
+        print(f"this run is already complete (step {step}, eval/loss {last.get('eval/loss', float('nan')):.4f}); "
+              "raise budget.value to train further, or use a fresh --workdir")
+      return {"step": step, "stopped": False, **last}
 
-  def save(step, state, progress):
+  def save(step, state, progress, tokens):
     checkpointer.save(step, state, expected_meta | {
-        "step": step, "progress": progress, "data": batches.get_state()})
+        "step": step, "progress": progress, "tokens": tokens, "data": batches.get_state()})
 
   if start is None and cfg.eval.at_start:
     initial = evaluate(run, state.params, eval_batches)
@@ -166,9 +176,8 @@ def train(cfg, workdir: str) -> dict:
 
   batches = pipeline.Prefetcher(stream, depth=2)
   base_key = jax.random.key(cfg.seed)
-  peak = cfg.train.peak_flops or flops_lib.device_peak_flops()
+  timer = metrics_lib.StepTimer(cfg.train.peak_flops or flops_lib.device_peak_flops(), jax.device_count())
   bar = metrics_lib.ProgressBar(budget, plan.unit, progress, enabled=lead and cfg.log.progress_bar)
-  window, window_tokens, window_flops, t0 = [], 0.0, 0.0, time.perf_counter()
   wall0, last = time.perf_counter(), {}
   compiled = set(run.steps.compiled_shapes)
   try:
@@ -176,53 +185,42 @@ def train(cfg, workdir: str) -> dict:
       fraction = progress / budget
       stage_index = plan.stage_index(fraction)
       stage = plan.stages[stage_index]
-      train_step = run.steps.train_step(stage)
-      batch = batches.next_batch()
       key = jax.random.fold_in(base_key, step)
-      state, m = train_step(state, device_batch(batch, mesh), key, jnp.float32(fraction))
+      batch = device_batch(batches.next_batch(), mesh)
+      state, m = run.steps.train_step(stage)(state, batch, key, jnp.float32(fraction))
       step += 1
-      charge = plan.charge(stage)
-      prev, progress = fraction, progress + charge
-      if stage.shape not in compiled:  # exclude compilation from step timing
+      tokens += stage.tokens_per_step or plan.tokens_per_step
+      prev, progress = fraction, progress + plan.charge(stage)
+      if stage.shape in compiled:
+        timer.add(m, stage.tokens_per_step or plan.tokens_per_step, flops_lib.train_flops_per_step(
+            run.model_cfg, cfg.data.batch_size, cfg.data.seq_len, stage.active_layers))
+      else:  # this step compiled: keep it out of the timings
         jax.block_until_ready(m)
         compiled.add(stage.shape)
-        window, window_tokens, window_flops, t0 = [], 0.0, 0.0, time.perf_counter()
-      else:
-        window.append(m)
-        window_tokens += cfg.data.batch_size * cfg.data.seq_len
-        window_flops += flops_lib.train_flops_per_step(
-            run.model_cfg, cfg.data.batch_size, cfg.data.seq_len, stage.active_layers)
-      frac = progress / budget
-      do_eval = plan_lib.crossed(prev, frac, cfg.eval.every) or progress >= budget
-      do_log = step % cfg.log.every == 0 or do_eval or progress >= budget
+        timer.skip()
+      fraction = progress / budget
+      do_eval = plan_lib.crossed(prev, fraction, cfg.eval.every) or progress >= budget
+      do_log = step % cfg.log.every == 0 or do_eval
       do_save = progress >= budget or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
       row = {}
       if do_log or do_save:
         host = jax.device_get(m)
-        _check_finite(host, step, frac, checkpointer)
+        _check_finite(host, step, fraction, checkpointer)
       if do_log:
-        dt = time.perf_counter() - t0
-        row = {"progress": frac, "progress_units": progress, "stage": stage_index,
-               "train/loss": float(np.mean([float(w["loss"]) for w in jax.device_get(window)] or [host["loss"]])),
+        row = {"progress": fraction, "progress_units": progress, "stage": stage_index,
                "lr": host["lr"], "grad_norm": host["grad_norm"], "update_norm": host["update_norm"],
-               "tokens": step * cfg.data.batch_size * cfg.data.seq_len,
-               "wall_s": time.perf_counter() - wall0}
-        if window:
-          row |= {"step_time": dt / len(window), "tokens_per_s": window_tokens / dt}
-          if peak:
-            row["mfu"] = window_flops / dt / peak / jax.device_count()
-        window, window_tokens, window_flops, t0 = [], 0.0, 0.0, time.perf_counter()
+               "tokens": tokens, "wall_s": time.perf_counter() - wall0} | timer.report(host["loss"])
       if do_eval:
         row["eval/loss"] = evaluate(run, state.params, eval_batches)
         if lead:
-          bar.write(f"step {step}: eval/loss {row['eval/loss']:.4f} ({frac:.0%} of the budget)")
-        t0 = time.perf_counter()
+          bar.write(f"step {step}: eval/loss {row['eval/loss']:.4f} ({fraction:.0%} of the budget)")
+        timer.skip()
       if row:
         writer.write(step, row)
         last |= row
-      bar.update(charge, step, last.get("train/loss"), last.get("tokens_per_s"))
+      bar.update(plan.charge(stage), step, last.get("train/loss"), last.get("tokens_per_s"))
       if do_save:
-        save(step, state, progress)
+        save(step, state, progress, tokens)
       if cfg.train.stop_at_step and step >= cfg.train.stop_at_step and progress < budget:
         checkpointer.wait()
         if lead:

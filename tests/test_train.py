@@ -1,11 +1,9 @@
-import json
 import math
 import os
 import subprocess
 import sys
 
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from raptr_jax import config as config_lib

@@ -19,3 +19,6 @@ def build_model(family: str, cfg: ModelConfig, seed: int):
     raise ValueError(f"unknown model.family {family!r}; available: {sorted(FAMILIES)}")
   cls, loss = FAMILIES[family]
   return cls(cfg, rngs=nnx.Rngs(params=seed)), loss
+
+__all__ = ["FAMILIES", "LayerSelection", "ModelConfig", "Selection", "TokenSelection", "build_model",
+           "model_config", "padded_vocab_size"]

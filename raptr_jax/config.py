@@ -5,8 +5,9 @@ Config files (``configs/*.py``) start from ``base_config()`` and change fields; 
 not define (a typo must not silently do nothing) and values that cannot work.
 """
 import ml_collections
+from ml_collections.config_dict import placeholder
 
-from raptr_jax.optim import OPTIMIZERS
+from raptr_jax.optim import check_optimizer
 from raptr_jax.optim.schedules import check_schedule
 from raptr_jax.plan import UNITS
 
@@ -27,8 +28,15 @@ def base_config() -> ml_collections.ConfigDict:
       source="builtin", vocab_path="", objective="ul2", denoisers=(), seq_len=256,
       batch_size=32)
   c.optimizer = dict(
-      name="adamw", b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0, mu_dtype="",
-      decay_rate=0.8, multiply_by_parameter_scale=False)
+      name="adamw",              # adamw | lion | sophia_g | sophia_h | adafactor
+      b1=placeholder(float), b2=placeholder(float),  # None: the optimizer's own defaults
+      eps=1e-8, weight_decay=0.1, grad_clip=1.0,
+      mu_dtype="",               # e.g. "bfloat16" for bf16 first moments (adamw, lion, sophia_g)
+      decay_rate=0.8, multiply_by_parameter_scale=False,                    # adafactor
+      rho=0.05, gamma=0.01, sophia_parameterization="official",            # sophia
+      hessian_interval=10, hessian_grad_clip=1.0,
+      rms_scaling=False, rms_min_scale=1e-3,  # lr x max(min_scale, RMS(param)) (T5 runs of NTNG)
+      freeze_inactive=False)     # True: params a step leaves out keep params and moments
   c.schedule = dict(name="cosine", peak=1e-3, warmup=0.05, final=0.1)
   c.eval = dict(every=0.25, batches=8, at_start=True)  # every: budget fraction; batches: 0 = whole split
   c.checkpoint = dict(every=200, keep=2, async_save=True)  # every: steps; 0 = only at the end
@@ -55,8 +63,7 @@ def validate(cfg) -> None:
     raise ValueError(f"budget.unit must be one of {UNITS}, got {cfg.budget.unit!r}")
   if not cfg.budget.value > 0:
     raise ValueError(f"budget.value must be positive, got {cfg.budget.value}")
-  if cfg.optimizer.name not in OPTIMIZERS:
-    raise ValueError(f"unknown optimizer.name {cfg.optimizer.name!r}; available: {OPTIMIZERS}")
+  check_optimizer(cfg.optimizer)
   check_schedule(cfg.schedule.name, cfg.schedule.warmup, cfg.schedule.final)
   if not cfg.schedule.peak > 0:
     raise ValueError(f"schedule.peak must be positive, got {cfg.schedule.peak}")

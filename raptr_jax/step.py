@@ -14,6 +14,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from raptr_jax import sharding as shd
+from raptr_jax.optim import gnb_hessian_estimate, layer_activity, sophia_metrics
 
 BATCH_FIELDS = ("inputs", "targets", "weights", "prefix", "segment_ids", "positions")
 
@@ -31,11 +32,17 @@ class StepContext:
   """Everything a step needs besides arrays: model structure, loss, optimizer, shardings."""
   graphdef: Any
   loss_fn: Callable
-  tx: optax.GradientTransformation
+  logits_fn: Callable
+  optimizer: Any            # raptr_jax.optim.Optimizer
   lr_fn: Callable           # budget fraction -> learning rate
   mesh: jax.sharding.Mesh
   state_shardings: Any
+  num_layers: int
   packed: bool = True       # False: one causal row per example, no masks (benchmarks)
+
+  @property
+  def tx(self):
+    return self.optimizer.tx
 
 
 def _fit(sharding: NamedSharding, shape) -> NamedSharding:
@@ -75,25 +82,43 @@ def batch_shardings(mesh):
   return {k: shd.batch_sharding(mesh) for k in BATCH_FIELDS}
 
 
-def make_train_step(ctx: StepContext, select: Callable | None):
-  def train_step(state: TrainState, batch, key, progress):
-    def loss_of(params):
-      model = nnx.merge(ctx.graphdef, params)
-      selection = select(key, batch) if select is not None else None
-      return ctx.loss_fn(model, batch, selection, ctx.packed)
+def make_train_step(ctx: StepContext, select: Callable | None, hessian: bool = False):
+  """The jitted step of a stage; ``hessian=True`` adds Sophia-G's GNB pass on its own batch:
+  ``train_step(state, batch, key, progress, hessian_batch)``."""
+  opt = ctx.optimizer
+
+  def train_step(state: TrainState, batch, key, progress, hessian_batch=None):
+    selection = select(key, batch) if select is not None else None
+
+    def loss_of(params, b=batch):
+      return ctx.loss_fn(nnx.merge(ctx.graphdef, params), b, selection, ctx.packed)
 
     (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
-    updates, opt_state = ctx.tx.update(grads, state.opt_state, state.params)
+    extra = {}
+    if hessian:
+      hkey = jax.random.fold_in(key, 1)
+      hsel = select(hkey, hessian_batch) if select is not None else None
+      logits_of = lambda p: ctx.logits_fn(nnx.merge(ctx.graphdef, p), hessian_batch, hsel, ctx.packed)
+      extra["hessian_estimate"] = gnb_hessian_estimate(
+          logits_of, state.params, jax.random.fold_in(key, 2), hessian_batch["weights"],
+          opt.hessian_grad_clip)
+    if opt.needs_obj_fn:
+      extra["obj_fn"] = lambda p: loss_of(p)[0]
+    if opt.freeze_inactive and selection is not None and selection.layers is not None:
+      extra["active"] = layer_activity(state.params, selection.layers.indices, ctx.num_layers)
+    updates, opt_state = opt.tx.update(grads, state.opt_state, state.params, **extra)
     lr = ctx.lr_fn(progress)
     params = jax.tree.map(lambda p, u: (p - lr * u).astype(p.dtype), state.params, updates)
     metrics = {"loss": loss, "lr": lr, "grad_norm": optax.global_norm(grads),
-               "update_norm": lr * optax.global_norm(updates), "loss_tokens": aux["loss_tokens"]}
+               "update_norm": lr * optax.global_norm(updates), "loss_tokens": aux["loss_tokens"],
+               **sophia_metrics(opt_state)}
     return TrainState(state.step + 1, params, opt_state), metrics
 
   repl = shd.replicated(ctx.mesh)
-  return jax.jit(train_step,
-                 in_shardings=(ctx.state_shardings, batch_shardings(ctx.mesh), repl, repl),
-                 out_shardings=(ctx.state_shardings, repl),
+  in_shardings = (ctx.state_shardings, batch_shardings(ctx.mesh), repl, repl)
+  if hessian:
+    in_shardings += (batch_shardings(ctx.mesh),)
+  return jax.jit(train_step, in_shardings=in_shardings, out_shardings=(ctx.state_shardings, repl),
                  donate_argnums=(0,))
 
 
@@ -110,17 +135,18 @@ def make_eval_step(ctx: StepContext):
 
 
 class StepCache:
-  """One compiled train step per distinct stage shape."""
+  """One compiled train step per distinct (stage shape, with or without a Hessian pass)."""
 
   def __init__(self, ctx: StepContext):
     self.ctx = ctx
     self._steps = {}
     self.eval_step = make_eval_step(ctx)
 
-  def train_step(self, stage):
-    if stage.shape not in self._steps:
-      self._steps[stage.shape] = make_train_step(self.ctx, stage.select)
-    return self._steps[stage.shape]
+  def train_step(self, stage, hessian: bool = False):
+    key = (stage.shape, hessian)
+    if key not in self._steps:
+      self._steps[key] = make_train_step(self.ctx, stage.select, hessian)
+    return self._steps[key]
 
   @property
   def compiled_shapes(self):

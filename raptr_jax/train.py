@@ -71,20 +71,20 @@ def setup(cfg) -> Run:
   mcfg = model_config(cfg.model, vocab_size)
   if cfg.model.family not in FAMILIES:
     raise ValueError(f"unknown model.family {cfg.model.family!r}; available: {sorted(FAMILIES)}")
-  model_cls, loss_fn = FAMILIES[cfg.model.family]
-  factory = lambda: model_cls(mcfg, rngs=nnx.Rngs(params=cfg.seed))
+  family = FAMILIES[cfg.model.family]
+  factory = lambda: family.module(mcfg, rngs=nnx.Rngs(params=cfg.seed))
   graphdef, abstract_params = nnx.split(nnx.eval_shape(factory))
   axes = shd.logical_axes_tree(abstract_params)
   pure = nnx.to_pure_dict(abstract_params)
-  tx = build_optimizer(cfg.optimizer, mask=decay_mask(pure, axes))
-  init = step_lib.init_fn(factory, tx)
+  optimizer = build_optimizer(cfg.optimizer, mask=decay_mask(pure, axes))
+  init = step_lib.init_fn(factory, optimizer.tx)
   abstract = jax.eval_shape(init)
-  shardings = step_lib.state_shardings(abstract, axes, mesh, tx)
+  shardings = step_lib.state_shardings(abstract, axes, mesh, optimizer.tx)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   s = cfg.schedule
   lr_fn = functools.partial(learning_rate, name=s.name, peak=s.peak, warmup=s.warmup, final=s.final)
-  ctx = step_lib.StepContext(graphdef, loss_fn, tx, lr_fn, mesh, shardings,
-                             packed=cfg.data.source != "synthetic")
+  ctx = step_lib.StepContext(graphdef, family.loss_fn, family.logits_fn, optimizer, lr_fn, mesh,
+                             shardings, mcfg.num_layers, packed=cfg.data.source != "synthetic")
   init_jit = jax.jit(init, out_shardings=shardings)
   return Run(cfg, mesh, mcfg, build_plan(cfg), step_lib.StepCache(ctx), init_jit, abstract)
 
@@ -186,17 +186,22 @@ def train(cfg, workdir: str) -> dict:
       stage_index = plan.stage_index(fraction)
       stage = plan.stages[stage_index]
       key = jax.random.fold_in(base_key, step)
-      batch = device_batch(batches.next_batch(), mesh)
-      state, m = run.steps.train_step(stage)(state, batch, key, jnp.float32(fraction))
+      args = (state, device_batch(batches.next_batch(), mesh), key, jnp.float32(fraction))
+      k = run.steps.ctx.optimizer.hessian_interval
+      hessian = bool(k) and step % k == k - 1  # Sophia-G: a GNB pass on its own batch
+      if hessian:
+        args += (device_batch(batches.next_batch(), mesh),)
+      state, m = run.steps.train_step(stage, hessian)(*args)
       step += 1
       tokens += stage.tokens_per_step or plan.tokens_per_step
       prev, progress = fraction, progress + plan.charge(stage)
-      if stage.shape in compiled:
-        timer.add(m, stage.tokens_per_step or plan.tokens_per_step, flops_lib.train_flops_per_step(
-            run.model_cfg, cfg.data.batch_size, cfg.data.seq_len, stage.active_layers))
+      if (stage.shape, hessian) in compiled:
+        step_flops = flops_lib.train_flops_per_step(
+            run.model_cfg, cfg.data.batch_size, cfg.data.seq_len, stage.active_layers)
+        timer.add(m, stage.tokens_per_step or plan.tokens_per_step, step_flops * (2 if hessian else 1))
       else:  # this step compiled: keep it out of the timings
         jax.block_until_ready(m)
-        compiled.add(stage.shape)
+        compiled.add((stage.shape, hessian))
         timer.skip()
       fraction = progress / budget
       do_eval = plan_lib.crossed(prev, fraction, cfg.eval.every) or progress >= budget
@@ -210,6 +215,7 @@ def train(cfg, workdir: str) -> dict:
         row = {"progress": fraction, "progress_units": progress, "stage": stage_index,
                "lr": host["lr"], "grad_norm": host["grad_norm"], "update_norm": host["update_norm"],
                "tokens": tokens, "wall_s": time.perf_counter() - wall0} | timer.report(host["loss"])
+        row |= {k: v for k, v in host.items() if k.startswith("sophia/")}
       if do_eval:
         row["eval/loss"] = evaluate(run, state.params, eval_batches)
         if lead:

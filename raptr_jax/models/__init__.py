@@ -1,11 +1,27 @@
-"""Model families over one stacked-layer core. ``build_model(cfg)`` -> (module, loss_fn)."""
+"""Model families over one stacked-layer core.
+
+A family is its module class, its ``loss_fn(model, batch, selection, packed) -> (loss, aux)`` and
+its ``logits_fn`` (same arguments, fp32 logits; Sophia-G samples labels from them).
+"""
+import dataclasses
+from typing import Callable
+
 from flax import nnx
 
 from raptr_jax.models import decoder
 from raptr_jax.models.config import ModelConfig, padded_vocab_size
 from raptr_jax.models.selection import LayerSelection, Selection, TokenSelection
 
-FAMILIES = {"decoder": (decoder.DecoderLM, decoder.loss_fn)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  module: type
+  loss_fn: Callable
+  logits_fn: Callable
+
+
+FAMILIES = {"decoder": Family(decoder.DecoderLM, decoder.loss_fn, decoder.logits_fn)}
 
 
 def model_config(model_cfg, vocab_size: int) -> ModelConfig:
@@ -17,8 +33,8 @@ def model_config(model_cfg, vocab_size: int) -> ModelConfig:
 def build_model(family: str, cfg: ModelConfig, seed: int):
   if family not in FAMILIES:
     raise ValueError(f"unknown model.family {family!r}; available: {sorted(FAMILIES)}")
-  cls, loss = FAMILIES[family]
-  return cls(cfg, rngs=nnx.Rngs(params=seed)), loss
+  fam = FAMILIES[family]
+  return fam.module(cfg, rngs=nnx.Rngs(params=seed)), fam.loss_fn
 
-__all__ = ["FAMILIES", "LayerSelection", "ModelConfig", "Selection", "TokenSelection", "build_model",
+__all__ = ["FAMILIES", "Family", "LayerSelection", "ModelConfig", "Selection", "TokenSelection", "build_model",
            "model_config", "padded_vocab_size"]

@@ -51,11 +51,15 @@ def cross_entropy(logits, targets, weights):
   return jnp.sum((logz - gold) * weights), jnp.sum(weights)
 
 
+def logits_fn(model: DecoderLM, batch, selection: Selection | None = None, packed: bool = True):
+  """fp32 logits of a batch. ``packed=False``: one causal row per example, no masks."""
+  return model(batch["inputs"], batch["positions"],
+               batch["segment_ids"] if packed else None,
+               batch["prefix"] if packed else None, selection)
+
+
 def loss_fn(model: DecoderLM, batch, selection: Selection | None = None, packed: bool = True):
-  """Mean token loss and aux metrics for one batch. ``packed=False``: one causal row each."""
-  logits = model(batch["inputs"], batch["positions"],
-                 batch["segment_ids"] if packed else None,
-                 batch["prefix"] if packed else None, selection)
-  total, count = cross_entropy(logits, batch["targets"], batch["weights"])
+  """Mean token loss and aux metrics for one batch."""
+  total, count = cross_entropy(logits_fn(model, batch, selection, packed), batch["targets"], batch["weights"])
   loss = total / jnp.maximum(count, 1.0)
   return loss, {"loss_sum": total, "loss_tokens": count}

@@ -77,6 +77,9 @@ def setup(cfg) -> Run:
   axes = shd.logical_axes_tree(abstract_params)
   pure = nnx.to_pure_dict(abstract_params)
   optimizer = build_optimizer(cfg.optimizer, mask=decay_mask(pure, axes))
+  if optimizer.hessian_interval and family.logits_fn is None:
+    raise ValueError(f"optimizer.name={cfg.optimizer.name!r} samples labels from the model's logits, "
+                     f"which model.family={cfg.model.family!r} does not expose; use adamw, lion or sophia_h")
   init = step_lib.init_fn(factory, optimizer.tx)
   abstract = jax.eval_shape(init)
   shardings = step_lib.state_shardings(abstract, axes, mesh, optimizer.tx)

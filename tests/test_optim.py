@@ -110,6 +110,24 @@ def test_gnb_estimate_is_unbiased_for_the_gauss_newton_diagonal():
   np.testing.assert_allclose(est, gn, rtol=0.06, atol=2e-4)
 
 
+def test_complete_sophia_g_is_the_direction_with_decay_and_lr(trajectory):
+  from raptr_jax.optim import sophia_g, sophia_h
+  params, grads, estimates = trajectory
+  want = official_sophia_g(params, grads, estimates, 0.01, 0.2, 0.965, 0.99, 0.05, 480)
+  tx = sophia_g(0.01, rho=0.05, weight_decay=0.2)
+  p, state = jnp.asarray(params, jnp.float32), None
+  state = tx.init(p)
+  for g, e, w in zip(grads, estimates, want):
+    extra = {} if e is None else {"hessian_estimate": jnp.asarray(480 * e, jnp.float32)}
+    u, state = tx.update(jnp.asarray(g, jnp.float32), state, p, **extra)
+    p = optax.apply_updates(p, u)
+    np.testing.assert_allclose(p, w, rtol=2e-5, atol=1e-6)
+  tx = sophia_h(0.01)  # same interface; Hutchinson needs the objective
+  obj = lambda q: jnp.sum(q ** 2)
+  u, _ = tx.update(jnp.asarray(grads[0], jnp.float32), tx.init(p), p, obj_fn=obj)
+  assert u.shape == p.shape and np.all(np.isfinite(u))
+
+
 def test_param_rms_scaling_matches_its_definition():
   params = {"a": jnp.full((4, 4), 3.0), "b": jnp.full((3,), 1e-5)}
   updates = {"a": jnp.ones((4, 4)), "b": jnp.ones((3,))}

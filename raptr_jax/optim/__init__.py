@@ -1,8 +1,8 @@
 """Optimizers as optax transforms, plus the run's learning-rate schedules.
 
 Importable pieces (each an optax ``GradientTransformation[ExtraArgs]``):
-``lion`` (optax's own, re-exported), ``scale_by_sophia_g`` / ``gnb_hessian_estimate`` (Sophia-G),
-``sophia_h`` (optax.contrib's Sophia-H), ``scale_by_param_rms`` (Adafactor-style relative step),
+``lion`` (optax's own, re-exported), ``sophia_g`` / ``scale_by_sophia_g`` / ``gnb_hessian_estimate``
+(Sophia-G), ``sophia_h`` / ``scale_by_sophia_h`` (optax.contrib's Sophia-H), ``scale_by_param_rms`` (Adafactor-style relative step),
 ``freeze_inactive`` (no update, untouched state for parameters a step leaves out).
 
 ``build_optimizer(cfg)`` returns the run's *direction* transform (clipping, moments, RMS scaling,
@@ -20,7 +20,8 @@ from optax import lion  # re-exported: the Lion of Chen et al. 2023 is optax's
 from raptr_jax.optim.masking import freeze_inactive, layer_activity
 from raptr_jax.optim.schedules import SCHEDULES, learning_rate
 from raptr_jax.optim.sophia import (PARAMETERIZATIONS, SophiaGState, gnb_hessian_estimate,
-                                    scale_by_sophia_g, sophia_h, sophia_metrics)
+                                    scale_by_sophia_g, scale_by_sophia_h, sophia_g, sophia_h,
+                                    sophia_metrics)
 
 OPTIMIZERS = ("adamw", "lion", "sophia_g", "sophia_h", "adafactor")
 DEFAULT_BETAS = {"adamw": (0.9, 0.95), "lion": (0.9, 0.99), "sophia_g": (0.965, 0.99),
@@ -82,7 +83,8 @@ def build_optimizer(opt_cfg, mask=None) -> Optimizer:
     parts.append(scale_by_sophia_g(b1=b1, b2=b2, rho=opt_cfg.rho, gamma=opt_cfg.gamma,
                                    parameterization=opt_cfg.sophia_parameterization, mu_dtype=mu_dtype))
   elif name == "sophia_h":
-    parts.append(sophia_h(b1=b1, b2=b2, gamma=opt_cfg.gamma, update_interval=opt_cfg.hessian_interval))
+    parts.append(scale_by_sophia_h(b1=b1, b2=b2, gamma=opt_cfg.gamma,
+                                   update_interval=opt_cfg.hessian_interval))
   elif name == "adafactor":
     parts.append(optax.scale_by_factored_rms(decay_rate=opt_cfg.decay_rate, epsilon=opt_cfg.eps))
     parts.append(optax.clip_by_block_rms(1.0))
@@ -104,4 +106,4 @@ def build_optimizer(opt_cfg, mask=None) -> Optimizer:
 __all__ = ["OPTIMIZERS", "Optimizer", "SCHEDULES", "SophiaGState", "build_optimizer",
            "check_optimizer", "decay_mask", "freeze_inactive", "gnb_hessian_estimate",
            "layer_activity", "learning_rate", "lion", "scale_by_param_rms", "scale_by_sophia_g",
-           "sophia_h", "sophia_metrics"]
+           "scale_by_sophia_h", "sophia_g", "sophia_h", "sophia_metrics"]

@@ -19,8 +19,9 @@ Model Pre-training"), as used by No Train No Gain (Algorithm 5, Appendix C.6).
   the Gauss-Newton matrix of the mean loss. The official code stores ``g_hat^2`` and divides by
   ``rho * bs * h`` with bs = tokens per step: identical to ``rho * h`` here when the Hessian batch
   has bs tokens.
-* ``sophia_h``: Sophia with Hutchinson's estimator, ``optax.contrib.scale_by_sophia`` (its
-  ``obj_fn`` extra argument), offered with the same knobs.
+* ``sophia_g`` / ``sophia_h``: complete optimizers (direction + decoupled weight decay + LR) in
+  optax's style; ``sophia_h`` is Sophia with Hutchinson's estimator, ``optax.contrib.sophia``
+  (its ``obj_fn`` extra argument), offered with the same knobs.
 
 Defaults: official GPT-2 small b1=0.965, b2=0.99, rho=0.05, k=10, wd 0.2; No Train No Gain
 BERT lr 4e-4, wd 0.015, rho 0.01 (bf16); T5 lr 1e-3, rho 0.01, with RMS-scaled LR.
@@ -97,8 +98,33 @@ def gnb_hessian_estimate(logits_fn, params, key, weights, clip_norm: float | Non
   return jax.tree.map(lambda g: n * jnp.square(g.astype(jnp.float32)), grad)
 
 
-def sophia_h(b1: float = 0.965, b2: float = 0.99, gamma: float = 0.01, eps: float = 1e-8,
-             update_interval: int = 10, seed: int = 0) -> optax.GradientTransformationExtraArgs:
+def sophia_g(learning_rate, b1: float = 0.965, b2: float = 0.99, rho: float = 0.05,
+             weight_decay: float = 0.2, parameterization: str = "official", gamma: float = 0.01,
+             eps: float = 1e-8, mu_dtype=None, weight_decay_mask=None):
+  """Sophia-G as a complete optax optimizer (direction, decoupled weight decay, learning rate).
+
+  Call ``update(grads, state, params, hessian_estimate=gnb_hessian_estimate(...))`` every k steps
+  and without it otherwise.
+  """
+  return optax.chain(
+      scale_by_sophia_g(b1, b2, rho, parameterization, gamma, eps, mu_dtype),
+      optax.add_decayed_weights(weight_decay, weight_decay_mask),
+      optax.scale_by_learning_rate(learning_rate))
+
+
+def sophia_h(learning_rate, b1: float = 0.965, b2: float = 0.99, gamma: float = 0.01,
+             weight_decay: float = 0.2, eps: float = 1e-8, update_interval: int = 10, seed: int = 0,
+             weight_decay_mask=None):
+  """Sophia-H (Hutchinson estimator) with the same interface as ``sophia_g``; it is
+  ``optax.contrib.sophia``, whose ``update`` needs ``obj_fn=lambda params: loss``."""
+  return optax.chain(
+      scale_by_sophia_h(b1, b2, gamma, eps, update_interval, seed),
+      optax.add_decayed_weights(weight_decay, weight_decay_mask),
+      optax.scale_by_learning_rate(learning_rate))
+
+
+def scale_by_sophia_h(b1: float = 0.965, b2: float = 0.99, gamma: float = 0.01, eps: float = 1e-8,
+                      update_interval: int = 10, seed: int = 0) -> optax.GradientTransformationExtraArgs:
   """Sophia-H direction (Hutchinson estimator): ``optax.contrib.sophia`` without its learning
   rate and weight decay (the surrounding chain applies those, as for every optimizer here).
 

@@ -15,7 +15,10 @@ from raptr_jax.plan import UNITS
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.budget = dict(unit="steps", value=1000.0)
+  c.budget = dict(unit="steps", value=1000.0,  # unit: steps | tokens | rst_seconds | rst_hours
+                  rst_table="",                # RST calibration table (default rst_table.json)
+                  free_hessian=False,          # RST: Sophia's Hessian passes cost nothing
+                  free_scoring=False)          # RST: forward-only scoring passes cost nothing
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
   c.distributed = dict(initialize=False)  # jax.distributed.initialize() for multi-host runs
   c.model = dict(
@@ -59,8 +62,8 @@ def _check_keys(cfg, ref, path=""):
 def validate(cfg) -> None:
   """Raises ValueError naming the field and the fix; returns None when the config can run."""
   _check_keys(cfg, base_config())
-  if cfg.budget.unit not in UNITS:
-    raise ValueError(f"budget.unit must be one of {UNITS}, got {cfg.budget.unit!r}")
+  if cfg.budget.unit not in UNITS + ("rst_hours",):
+    raise ValueError(f"budget.unit must be one of {UNITS + ('rst_hours',)}, got {cfg.budget.unit!r}")
   if not cfg.budget.value > 0:
     raise ValueError(f"budget.value must be positive, got {cfg.budget.value}")
   check_optimizer(cfg.optimizer)

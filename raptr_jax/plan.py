@@ -1,9 +1,10 @@
 """A run is a plan: an ordered list of stages over one progress clock.
 
-* The **clock** counts progress in the budget's unit: ``steps`` (1 per step) or ``tokens``
-  (batch x sequence length per step: every position the model is fed, padding included). Each
-  stage says what one of its steps costs, so methods whose steps differ in cost are charged
-  honestly. The budget fraction ``progress / budget`` drives the LR schedule, stage boundaries
+* The **clock** counts progress in the budget's unit: ``steps`` (1 per step), ``tokens``
+  (batch x sequence length per step: every position the model is fed, padding included) or
+  ``rst_seconds`` (reference system time, No Train No Gain: each step is charged what its step
+  kind took on the reference system, from a calibration table, see ``rst.py``). Each stage says
+  what one of its steps costs, so methods whose steps differ in cost are charged honestly. The budget fraction ``progress / budget`` drives the LR schedule, stage boundaries
   and eval cadence.
 * A **stage** ends at a budget fraction and has a static ``shape`` key: steps are compiled once
   per distinct key. ``select(key, batch)`` (or None for the full model) builds the stage's
@@ -12,7 +13,7 @@
 import dataclasses
 from typing import Callable, Hashable
 
-UNITS = ("steps", "tokens")
+UNITS = ("steps", "tokens", "rst_seconds")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +32,7 @@ class Plan:
   unit: str
   budget: float
   tokens_per_step: int
+  step_costs: dict | None = None          # rst_seconds: {(stage.shape, hessian): seconds}
 
   def __post_init__(self):
     if self.unit not in UNITS:
@@ -51,23 +53,31 @@ class Plan:
         return i
     return len(self.stages) - 1
 
-  def charge(self, stage: Stage) -> float:
-    """Progress one step of ``stage`` adds, in the budget's unit."""
+  def charge(self, stage: Stage, hessian: bool = False) -> float:
+    """Progress one step of ``stage`` adds, in the budget's unit (``hessian``: a step that also
+    runs Sophia-G's Hessian pass)."""
     if self.unit == "steps":
       return 1.0
-    return float(stage.tokens_per_step or self.tokens_per_step)
+    if self.unit == "tokens":
+      return float(stage.tokens_per_step or self.tokens_per_step)
+    return float(self.step_costs[(stage.shape, hessian)])
 
-  def total_steps(self) -> int:
+  def total_steps(self, hessian_interval: int = 0) -> int:
     """Steps the plan will run (each stage's steps until its end fraction is reached)."""
     progress, steps = 0.0, 0
     while progress < self.budget:
-      progress += self.charge(self.stages[self.stage_index(progress / self.budget)])
+      hessian = bool(hessian_interval) and steps % hessian_interval == hessian_interval - 1
+      progress += self.charge(self.stages[self.stage_index(progress / self.budget)], hessian)
       steps += 1
     return steps
 
 
 def baseline_plan(unit: str, budget: float, tokens_per_step: int) -> Plan:
   return Plan((Stage("full", 1.0),), unit, float(budget), tokens_per_step)
+
+
+def with_step_costs(plan: Plan, step_costs: dict) -> Plan:
+  return dataclasses.replace(plan, step_costs=dict(step_costs))
 
 
 def crossed(prev_fraction: float, fraction: float, every: float) -> bool:

@@ -25,6 +25,7 @@ from raptr_jax import checkpoint as ckpt_lib
 from raptr_jax import flops as flops_lib
 from raptr_jax import metrics as metrics_lib
 from raptr_jax import plan as plan_lib
+from raptr_jax import rst
 from raptr_jax import sharding as shd
 from raptr_jax import step as step_lib
 from raptr_jax.config import validate
@@ -50,12 +51,21 @@ class Run:
   abstract_state: object
 
 
+def budget_in_units(cfg) -> tuple[str, float]:
+  """(clock unit, budget): RST budgets given in hours run on a clock in seconds."""
+  if cfg.budget.unit == "rst_hours":
+    return "rst_seconds", float(cfg.budget.value) * 3600.0
+  return cfg.budget.unit, float(cfg.budget.value)
+
+
 def build_plan(cfg) -> plan_lib.Plan:
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-  return plan_lib.baseline_plan(cfg.budget.unit, cfg.budget.value, tokens_per_step)
+  return plan_lib.baseline_plan(*budget_in_units(cfg), tokens_per_step)
 
 
-def setup(cfg) -> Run:
+def setup(cfg, need_costs: bool = True) -> Run:
+  """Builds a run; RST runs (unless ``need_costs=False``, as for calibration) read their step
+  costs from the calibration table."""
   validate(cfg)
   mesh = shd.make_mesh(cfg.mesh)
   dp = shd.data_parallel_size(mesh)
@@ -89,7 +99,10 @@ def setup(cfg) -> Run:
   ctx = step_lib.StepContext(graphdef, family.loss_fn, family.logits_fn, optimizer, lr_fn, mesh,
                              shardings, mcfg.num_layers, packed=cfg.data.source != "synthetic")
   init_jit = jax.jit(init, out_shardings=shardings)
-  return Run(cfg, mesh, mcfg, build_plan(cfg), step_lib.StepCache(ctx), init_jit, abstract)
+  run = Run(cfg, mesh, mcfg, build_plan(cfg), step_lib.StepCache(ctx), init_jit, abstract)
+  if run.plan.unit == "rst_seconds" and need_costs:
+    run.plan = plan_lib.with_step_costs(run.plan, rst.step_costs(cfg, run))
+  return run
 
 
 def device_batch(batch, mesh):
@@ -145,13 +158,15 @@ def train(cfg, workdir: str) -> dict:
 
   if lead:
     print(f"workdir {os.path.abspath(workdir)}: {plan.unit} budget {budget:g}, "
-          f"{plan.total_steps()} steps, {len(plan.stages)} stage(s), mesh {dict(mesh.shape)}")
+          f"{plan.total_steps(run.steps.ctx.optimizer.hessian_interval)} steps, "
+          f"{len(plan.stages)} stage(s), mesh {dict(mesh.shape)}")
   start = checkpointer.latest_step()
   if start is None:
-    state, progress, step, tokens = run.init(), 0.0, 0, 0
+    state, progress, step, tokens, wall_before = run.init(), 0.0, 0, 0, 0.0
   else:
     state, meta = checkpointer.restore(start, run.abstract_state, expected_meta)
     progress, step, tokens = float(meta["progress"]), int(meta["step"]), int(meta["tokens"])
+    wall_before = float(meta.get("wall_s", 0.0))
     stream.set_state(meta["data"])
     writer.truncate_after(step)
     if lead:
@@ -169,7 +184,8 @@ def train(cfg, workdir: str) -> dict:
 
   def save(step, state, progress, tokens):
     checkpointer.save(step, state, expected_meta | {
-        "step": step, "progress": progress, "tokens": tokens, "data": batches.get_state()})
+        "step": step, "progress": progress, "tokens": tokens, "wall_s": wall(),
+        "data": batches.get_state()})
 
   if start is None and cfg.eval.at_start:
     initial = evaluate(run, state.params, eval_batches)
@@ -181,7 +197,8 @@ def train(cfg, workdir: str) -> dict:
   base_key = jax.random.key(cfg.seed)
   timer = metrics_lib.StepTimer(cfg.train.peak_flops or flops_lib.device_peak_flops(), jax.device_count())
   bar = metrics_lib.ProgressBar(budget, plan.unit, progress, enabled=lead and cfg.log.progress_bar)
-  wall0, last = time.perf_counter(), {}
+  wall0, last = time.perf_counter() - wall_before, {}
+  wall = lambda: time.perf_counter() - wall0  # wall-clock seconds of training, across resumes
   compiled = set(run.steps.compiled_shapes)
   try:
     while progress < budget:
@@ -197,7 +214,8 @@ def train(cfg, workdir: str) -> dict:
       state, m = run.steps.train_step(stage, hessian)(*args)
       step += 1
       tokens += stage.tokens_per_step or plan.tokens_per_step
-      prev, progress = fraction, progress + plan.charge(stage)
+      charge = plan.charge(stage, hessian)
+      prev, progress = fraction, progress + charge
       if (stage.shape, hessian) in compiled:
         step_flops = flops_lib.train_flops_per_step(
             run.model_cfg, cfg.data.batch_size, cfg.data.seq_len, stage.active_layers)
@@ -217,7 +235,9 @@ def train(cfg, workdir: str) -> dict:
       if do_log:
         row = {"progress": fraction, "progress_units": progress, "stage": stage_index,
                "lr": host["lr"], "grad_norm": host["grad_norm"], "update_norm": host["update_norm"],
-               "tokens": tokens, "wall_s": time.perf_counter() - wall0} | timer.report(host["loss"])
+               "tokens": tokens, "wall_s": wall()} | timer.report(host["loss"])
+        if plan.unit == "rst_seconds":
+          row |= {"rst_s": progress, "rst_per_wall": progress / max(row["wall_s"], 1e-9)}
         row |= {k: v for k, v in host.items() if k.startswith("sophia/")}
       if do_eval:
         row["eval/loss"] = evaluate(run, state.params, eval_batches)
@@ -227,7 +247,7 @@ def train(cfg, workdir: str) -> dict:
       if row:
         writer.write(step, row)
         last |= row
-      bar.update(plan.charge(stage), step, last.get("train/loss"), last.get("tokens_per_s"))
+      bar.update(charge, step, last.get("train/loss"), last.get("tokens_per_s"))
       if do_save:
         save(step, state, progress, tokens)
       if cfg.train.stop_at_step and step >= cfg.train.stop_at_step and progress < budget:

@@ -1,0 +1,190 @@
+"""Reference system time (No Train No Gain, Section 2): budgets in seconds of a reference machine.
+
+A run with ``budget.unit = "rst_seconds"`` (or ``"rst_hours"``) is charged, for each step, the
+time its *step kind* took on the reference system, read from a calibration table; it stops when
+the charges reach the budget. Step kinds: every stage shape of the plan, with and without
+Sophia-G's Hessian pass, plus full-model evaluation (timed, never charged).
+
+    python -m raptr_jax.rst calibrate --config=configs/ul2.py [--table=rst_tables/mine.json]
+
+compiles and times each step kind the config's plan will run (compilation excluded, median of
+``--steps`` steps with ``block_until_ready``) and writes/updates a versioned, human-readable
+JSON table: device kind and count, jax/jaxlib versions, dtype, batch, sequence length, shape key,
+seconds per step, n. The run and the calibration build their keys with the same function
+(``step_kind_key``), so the key mismatch of the reference implementation cannot happen.
+
+"For free" ablations (Sections 5.4, 6.1): ``budget.free_hessian`` charges a Hessian step what
+the plain step costs; ``budget.free_scoring`` does the same for forward-only scoring passes.
+"""
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+TABLE_VERSION = 1
+DEFAULT_TABLE = "rst_table.json"
+
+
+def context_key(cfg, model_cfg) -> str:
+  """What makes a step cost what it costs, apart from the stage: model, batch, dtype, optimizer."""
+  what = {"model": dataclasses.asdict(model_cfg), "family": cfg.model.family,
+          "batch_size": cfg.data.batch_size, "seq_len": cfg.data.seq_len,
+          "optimizer": cfg.optimizer.name, "mesh": {k: cfg.mesh[k] for k in ("data", "fsdp", "tensor")}}
+  return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def step_kind_key(context: str, kind: str, shape=None, hessian: bool = False) -> str:
+  """The one key function shared by calibration and lookup."""
+  if kind == "eval":
+    return f"{context}/eval"
+  return f"{context}/train/{json.dumps(list(shape) if isinstance(shape, tuple) else shape)}/hessian={int(hessian)}"
+
+
+def step_kinds(plan, hessian_interval: int):
+  """(kind, shape, hessian) for every step kind the plan will run."""
+  kinds, seen = [], set()
+  for stage in plan.stages:
+    for hessian in ((False, True) if hessian_interval else (False,)):
+      if (stage.shape, hessian) not in seen:
+        seen.add((stage.shape, hessian))
+        kinds.append(("train", stage, hessian))
+  kinds.append(("eval", None, False))
+  return kinds
+
+
+def load_table(path: str) -> dict:
+  if not os.path.exists(path):
+    return {"version": TABLE_VERSION, "entries": {}}
+  with open(path) as f:
+    table = json.load(f)
+  if table.get("version") != TABLE_VERSION:
+    raise ValueError(f"RST table {path} has version {table.get('version')}, this code reads "
+                     f"version {TABLE_VERSION}; recalibrate with `python -m raptr_jax.rst calibrate`")
+  return table
+
+
+def save_table(path: str, table: dict) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(table, f, indent=1, sort_keys=True)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def device_description() -> dict:
+  import jaxlib  # pylint: disable=g-import-not-at-top
+  return {"device_kind": jax.devices()[0].device_kind, "device_count": jax.device_count(),
+          "platform": jax.default_backend(), "jax": jax.__version__, "jaxlib": jaxlib.__version__}
+
+
+def table_path(cfg) -> str:
+  return cfg.budget.rst_table or DEFAULT_TABLE
+
+
+def step_costs(cfg, run) -> dict:
+  """{(stage.shape, hessian): seconds to charge} for an RST run, from its table; clear errors."""
+  path = table_path(cfg)
+  command = f"python -m raptr_jax.rst calibrate --config=<this config> --table={path}"
+  if not os.path.exists(path):
+    raise ValueError(f"budget.unit={cfg.budget.unit!r} needs a calibration table, and {path!r} does "
+                     f"not exist: set budget.rst_table, or create it with `{command}`")
+  entries = load_table(path)["entries"]
+  context = context_key(cfg, run.model_cfg)
+  costs, devices = {}, set()
+  for kind, stage, hessian in step_kinds(run.plan, run.steps.ctx.optimizer.hessian_interval):
+    if kind == "eval":
+      continue
+    key = step_kind_key(context, kind, stage.shape, hessian)
+    if key not in entries:
+      raise ValueError(f"RST table {path} has no entry for step kind {key!r} (stage {stage.name!r}"
+                       f"{', with Hessian pass' if hessian else ''}) of this config; add it with "
+                       f"`{command}`")
+    entry = entries[key]
+    devices.add(entry["device_kind"])
+    seconds = entry["seconds"]
+    if hessian and cfg.budget.free_hessian:
+      seconds = entries[step_kind_key(context, kind, stage.shape, False)]["seconds"]
+    costs[(stage.shape, hessian)] = seconds
+  here = jax.devices()[0].device_kind
+  if jax.process_index() == 0 and devices and devices != {here}:
+    print(f"note: RST table {path} was calibrated on {sorted(devices)}; this run on {here!r} is charged "
+          f"that reference system's times. To make this device the reference, recalibrate: `{command}`")
+  return costs
+
+
+def calibrate(cfg, steps: int = 10, warmup: int = 2, table: str | None = None, verbose: bool = True) -> dict:
+  """Times every step kind of ``cfg``'s plan on this device and writes them into the table."""
+  from raptr_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  from raptr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  cfg = cfg.copy_and_resolve_references() if hasattr(cfg, "copy_and_resolve_references") else cfg
+  path = table or table_path(cfg)
+  run = train_lib.setup(cfg, need_costs=False)
+  if cfg.data.source == "synthetic":
+    sample = lambda: pipeline.synthetic_batch(cfg.data.batch_size, cfg.data.seq_len, run.model_cfg.vocab_size)
+  else:
+    stream = pipeline.build_stream(cfg.data, "train", cfg.data.batch_size, cfg.seed, train=True)
+    sample = stream.next_batch
+  batch = train_lib.device_batch(sample(), run.mesh)
+  hbatch = train_lib.device_batch(sample(), run.mesh)
+  state = run.init()
+  context = context_key(cfg, run.model_cfg)
+  table = load_table(path)
+  device = device_description()
+  for kind, stage, hessian in step_kinds(run.plan, run.steps.ctx.optimizer.hessian_interval):
+    if kind == "eval":
+      fn = lambda s: (s, run.steps.eval_step(s.params, batch))
+    else:
+      step = run.steps.train_step(stage, hessian)
+      args = (batch, jax.random.key(0), jnp.float32(0.5)) + ((hbatch,) if hessian else ())
+      fn = lambda s, step=step, args=args: step(s, *args)
+    times = []
+    for i in range(1 + warmup + steps):  # the first call compiles: never timed
+      t = time.perf_counter()
+      state, out = fn(state)
+      jax.block_until_ready(out)
+      if i > warmup:
+        times.append(time.perf_counter() - t)
+    key = step_kind_key(context, kind, None if stage is None else stage.shape, hessian)
+    table["entries"][key] = device | {
+        "seconds": statistics.median(times), "n": len(times), "kind": kind,
+        "stage": None if stage is None else stage.name, "shape": None if stage is None else repr(stage.shape),
+        "hessian": hessian, "dtype": cfg.model.dtype, "batch_size": cfg.data.batch_size,
+        "seq_len": cfg.data.seq_len, "optimizer": cfg.optimizer.name, "model": repr(run.model_cfg),
+        "calibrated": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if verbose:
+      print(f"{kind:5s} {stage.name if stage else '':>10s} hessian={int(hessian)}: "
+            f"{statistics.median(times) * 1e3:9.2f} ms  (median of {len(times)})  {key}")
+  save_table(path, table)
+  if verbose:
+    print(f"wrote {path}")
+  return table
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(prog="python -m raptr_jax.rst", description=__doc__.splitlines()[0])
+  sub = parser.add_subparsers(dest="command", required=True)
+  cal = sub.add_parser("calibrate", help="time every step kind of a config's plan on this device")
+  cal.add_argument("--config", required=True, help="config file[:preset], e.g. configs/ul2.py:tiny")
+  cal.add_argument("--table", default=None, help=f"table to write (default: budget.rst_table or {DEFAULT_TABLE})")
+  cal.add_argument("--steps", type=int, default=10)
+  cal.add_argument("--warmup", type=int, default=2)
+  cal.add_argument("overrides", nargs="*", help="config overrides as section.field=value")
+  args = parser.parse_args(argv)
+  from raptr_jax.main import load_config  # pylint: disable=g-import-not-at-top
+  try:
+    cfg = load_config(args.config, args.overrides)
+    calibrate(cfg, args.steps, args.warmup, args.table)
+  except ValueError as e:
+    sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+  main()

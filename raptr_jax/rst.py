@@ -97,9 +97,13 @@ def step_costs(cfg, run) -> dict:
     raise ValueError(f"budget.unit={cfg.budget.unit!r} needs a calibration table, and {path!r} does "
                      f"not exist: set budget.rst_table, or create it with `{command}`")
   entries = load_table(path)["entries"]
+  kinds = step_kinds(run.plan, run.steps.ctx.optimizer.hessian_interval)
+  if cfg.budget.free_scoring and not any(kind == "score" for kind, _, _ in kinds):
+    raise ValueError("budget.free_scoring=True, but this run has no forward-only scoring passes "
+                     "(selective backprop / RHO loss have them); drop the switch")
   context = context_key(cfg, run.model_cfg)
   costs, devices = {}, set()
-  for kind, stage, hessian in step_kinds(run.plan, run.steps.ctx.optimizer.hessian_interval):
+  for kind, stage, hessian in kinds:
     if kind == "eval":
       continue
     key = step_kind_key(context, kind, stage.shape, hessian)

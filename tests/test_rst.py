@@ -98,6 +98,9 @@ def test_missing_entries_and_free_hessian(rst_config, tmp_path):
   free = train_lib.setup(cfg).plan.step_costs
   assert free[(("full",), True)] == free[(("full",), False)]
   assert len(json.load(open(cfg.budget.rst_table))["entries"]) == len(table["entries"])
+  cfg.budget.free_scoring = True
+  with pytest.raises(ValueError, match="no forward-only scoring passes"):
+    train_lib.setup(cfg)
 
 
 def test_rst_hours_are_seconds_on_the_clock(tiny_config):

@@ -1,0 +1,160 @@
+"""Compare methods under one protocol (No Train No Gain): fixed budgets, several seeds.
+
+    python -m raptr_jax.compare --config=configs/compare_small.py [--workdir=runs/compare_small]
+
+A comparison config (see ``configs/compare_small.py``) names the run config, the methods (each a
+list of ``section.field=value`` overrides), the seeds, the budgets (in the run's budget unit;
+RST by default) and overrides common to every run. Each (budget, method, seed) trains in its own
+folder under the workdir; re-running the command resumes interrupted runs and skips finished
+ones. ``calibrate_missing`` times step kinds absent from the RST table on this device first
+(making it the reference system for them). Outputs in the workdir:
+
+* ``results.md`` / ``results.csv``: final train and validation loss per method and budget,
+  mean +- std over seeds (like Tables 1-3 of the paper);
+* ``loss_vs_rst_<budget>.png``: training loss (mean over seeds) and validation points against
+  the budget clock per method (like Figure 1).
+"""
+import argparse
+import csv
+import os
+import sys
+
+import numpy as np
+
+from raptr_jax import rst
+from raptr_jax.main import load_config
+from raptr_jax.metrics import read_metrics
+
+
+def run_dir(workdir, budget, method, seed):
+  return os.path.join(workdir, f"budget_{budget:g}", method, f"seed_{seed}")
+
+
+def final_losses(rows):
+  train = [r for r in rows if "train/loss" in r]
+  evals = [r for r in rows if "eval/loss" in r]
+  return train[-1]["train/loss"], evals[-1]["eval/loss"]
+
+
+def run_all(comparison, workdir: str, quiet: bool = True) -> dict:
+  """Trains every run (resuming), returns {(budget, method): [(train, val) per seed]}."""
+  from raptr_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  results = {}
+  for budget in comparison.budgets:
+    for method, overrides in comparison.methods.items():
+      for seed in comparison.seeds:
+        cfg = load_config(comparison.config, [*comparison.common, *overrides,
+                                              f"budget.value={budget}", f"seed={seed}"])
+        if quiet:
+          cfg.log.progress_bar = False
+        if cfg.budget.unit.startswith("rst") and comparison.calibrate_missing:
+          _calibrate_missing(cfg, train_lib)
+        where = run_dir(workdir, budget, method, seed)
+        print(f"== budget {budget:g} {cfg.budget.unit}, {method}, seed {seed}: {where}")
+        train_lib.train(cfg, where)
+        results.setdefault((budget, method), []).append(final_losses(read_metrics(where)))
+  return results
+
+
+def _calibrate_missing(cfg, train_lib):
+  try:
+    train_lib.setup(cfg)
+  except ValueError as e:
+    if "rst calibrate" not in str(e):
+      raise
+    print(f"calibrating on this device: {str(e).split(';')[0]}")
+    rst.calibrate(cfg, verbose=False)
+
+
+def write_tables(results, workdir: str, unit: str) -> str:
+  rows = []
+  for (budget, method), finals in results.items():
+    train, val = np.asarray(finals).T
+    rows.append(dict(budget=budget, unit=unit, method=method, seeds=len(finals),
+                     train_mean=train.mean(), train_std=train.std(ddof=1) if len(train) > 1 else 0.0,
+                     val_mean=val.mean(), val_std=val.std(ddof=1) if len(val) > 1 else 0.0))
+  with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+  lines = [f"| budget ({unit}) | method | seeds | final train loss | final validation loss |",
+           "|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['budget']:g} | {r['method']} | {r['seeds']} | {r['train_mean']:.4f} +- "
+                 f"{r['train_std']:.4f} | {r['val_mean']:.4f} +- {r['val_std']:.4f} |")
+  text = "\n".join(lines) + "\n"
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write(text)
+  return text
+
+
+def plot_curves(comparison, workdir: str, unit: str) -> list[str]:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  paths = []
+  for budget in comparison.budgets:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, method in enumerate(comparison.methods):
+      runs = [read_metrics(run_dir(workdir, budget, method, s)) for s in comparison.seeds]
+      train = [[(r["progress_units"], r["train/loss"]) for r in rows if "train/loss" in r] for rows in runs]
+      n = min(len(t) for t in train)
+      x = np.mean([[p for p, _ in t[:n]] for t in train], axis=0)
+      y = np.mean([[l for _, l in t[:n]] for t in train], axis=0)
+      color = f"C{i}"
+      ax.plot(x, y, color=color, label=f"{method} (train)")
+      evals = [[(r["progress_units"], r["eval/loss"]) for r in rows if "eval/loss" in r] for rows in runs]
+      m = min(len(e) for e in evals)
+      ax.plot(np.mean([[p for p, _ in e[:m]] for e in evals], axis=0),
+              np.mean([[l for _, l in e[:m]] for e in evals], axis=0), "o--", color=color,
+              label=f"{method} (validation)")
+    ax.set_xlabel(unit.replace("_", " "))
+    ax.set_ylabel("loss")
+    ax.set_title(f"budget {budget:g} {unit}, mean over {len(comparison.seeds)} seeds")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    path = os.path.join(workdir, f"loss_vs_{unit.split('_')[0]}_{budget:g}.png")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    paths.append(path)
+  return paths
+
+
+def load_comparison(path: str):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("comparison", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  comparison = module.get_comparison()
+  for field in ("config", "methods", "seeds", "budgets"):
+    if field not in comparison:
+      raise ValueError(f"comparison config {path} lacks {field!r}")
+  comparison.setdefault("common", [])
+  comparison.setdefault("calibrate_missing", True)
+  if not comparison["methods"] or not comparison["seeds"] or not comparison["budgets"]:
+    raise ValueError("a comparison needs at least one method, seed and budget")
+  if any(b <= 0 for b in comparison["budgets"]):
+    raise ValueError(f"budgets must be positive, got {comparison['budgets']}")
+  return argparse.Namespace(**comparison)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(prog="python -m raptr_jax.compare", description=__doc__.splitlines()[0])
+  parser.add_argument("--config", required=True, help="comparison config, e.g. configs/compare_small.py")
+  parser.add_argument("--workdir", default=None, help="default: runs/<comparison name>")
+  args = parser.parse_args(argv)
+  workdir = args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
+  try:
+    comparison = load_comparison(args.config)
+    results = run_all(comparison, workdir)
+  except ValueError as e:
+    sys.exit(f"error: {e}")
+  unit = load_config(comparison.config, comparison.common).budget.unit
+  print(write_tables(results, workdir, unit))
+  for path in plot_curves(comparison, workdir, unit):
+    print(f"plot: {path}")
+
+
+if __name__ == "__main__":
+  main()

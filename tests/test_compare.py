@@ -1,0 +1,52 @@
+import csv
+import os
+import textwrap
+
+import numpy as np
+import pytest
+
+from raptr_jax import compare
+from raptr_jax.metrics import read_metrics
+
+
+@pytest.fixture
+def comparison_file(tmp_path):
+  path = tmp_path / "cmp.py"
+  path.write_text(textwrap.dedent(f"""
+      def get_comparison():
+        return dict(config="configs/ul2.py:tiny",
+                    common=["budget.unit=rst_seconds", "budget.rst_table={tmp_path / 'table.json'}",
+                            "eval.every=0.5", "log.every=2", "log.tensorboard=False"],
+                    methods={{"adamw": ["optimizer.name=adamw"], "lion": ["optimizer.name=lion"]}},
+                    seeds=[0, 1], budgets=[0.3])
+      """))
+  return str(path)
+
+
+def test_comparison_writes_tables_and_plots_and_resumes(comparison_file, tmp_path, capsys):
+  workdir = str(tmp_path / "out")
+  compare.main([f"--config={comparison_file}", f"--workdir={workdir}"])
+  assert os.path.exists(tmp_path / "table.json")  # missing step kinds were calibrated first
+  with open(os.path.join(workdir, "results.csv")) as f:
+    rows = list(csv.DictReader(f))
+  assert [(r["method"], r["seeds"]) for r in rows] == [("adamw", "2"), ("lion", "2")]
+  for r in rows:  # mean +- std of the per-seed final losses
+    finals = [compare.final_losses(read_metrics(compare.run_dir(workdir, 0.3, r["method"], s))) for s in (0, 1)]
+    val = np.asarray(finals)[:, 1]
+    assert float(r["val_mean"]) == pytest.approx(val.mean())
+    assert float(r["val_std"]) == pytest.approx(val.std(ddof=1))
+  assert "| 0.3 | lion | 2 |" in open(os.path.join(workdir, "results.md")).read()
+  assert os.path.getsize(os.path.join(workdir, "loss_vs_rst_0.3.png")) > 10_000
+  capsys.readouterr()
+  compare.main([f"--config={comparison_file}", f"--workdir={workdir}"])  # everything is done already
+  assert capsys.readouterr().out.count("already complete") == 4
+
+
+def test_bad_comparisons_are_clear_errors(tmp_path):
+  path = tmp_path / "bad.py"
+  path.write_text("def get_comparison():\n  return dict(config='configs/ul2.py', methods={}, seeds=[0], budgets=[1])\n")
+  with pytest.raises(ValueError, match="at least one method"):
+    compare.load_comparison(str(path))
+  path.write_text("def get_comparison():\n  return dict(config='configs/ul2.py', methods={'a': []}, seeds=[0])\n")
+  with pytest.raises(ValueError, match="lacks 'budgets'"):
+    compare.load_comparison(str(path))

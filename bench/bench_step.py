@@ -9,7 +9,6 @@ recompute) / measured step time / (devices x bf16 peak). Compilation is excluded
 ``--steps`` timed steps after ``--warmup`` is reported.
 """
 import argparse
-import ast
 import statistics
 import time
 
@@ -20,6 +19,7 @@ from raptr_jax import flops as flops_lib
 from raptr_jax import train as train_lib
 from raptr_jax.config import base_config
 from raptr_jax.data.pipeline import synthetic_batch
+from raptr_jax.main import apply_overrides
 
 PRESETS = {
     # ~370M parameters: d=1024, 24 layers, 16 heads, MLP 4096, vocab 32k, seq 1024, batch 16.
@@ -37,15 +37,7 @@ def bench_config(preset: str, overrides: list[str]):
   cfg.data.source = "synthetic"
   for section, values in PRESETS[preset].items():
     cfg[section].update(values)
-  for item in overrides:
-    key, _, value = item.partition("=")
-    section, field = key.split(".")
-    try:
-      value = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      pass
-    cfg[section][field] = value
-  return cfg
+  return apply_overrides(cfg, overrides)
 
 
 def main():

@@ -16,18 +16,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. con
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (default: runs/<config>[-<preset>]).")
 
 
-def load_config(config_arg: str, overrides=()):
-  """Config from ``path[:preset]`` plus ``section.field=value`` overrides (for tools that are
-  not absl programs: the RST calibration and the comparison runner), validated."""
+def apply_overrides(cfg, overrides=()):
+  """Applies ``section.field=value`` strings (values parsed as Python literals when they are)."""
   import ast  # pylint: disable=g-import-not-at-top
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  path, _, preset = config_arg.partition(":")
-  if not os.path.exists(path):
-    raise ValueError(f"config file {path!r} not found")
-  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = module.get_config(preset) if preset else module.get_config()
   for item in overrides:
     key, sep, value = item.partition("=")
     if not sep:
@@ -45,6 +36,20 @@ def load_config(config_arg: str, overrides=()):
     if field not in node:
       raise ValueError(f"unknown config field {key!r}")
     node[field] = value
+  return cfg
+
+
+def load_config(config_arg: str, overrides=()):
+  """Config from ``path[:preset]`` plus ``section.field=value`` overrides (for tools that are
+  not absl programs: the RST calibration and the comparison runner), validated."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path, _, preset = config_arg.partition(":")
+  if not os.path.exists(path):
+    raise ValueError(f"config file {path!r} not found")
+  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = apply_overrides(module.get_config(preset) if preset else module.get_config(), overrides)
   config_lib.validate(cfg)
   return cfg
 

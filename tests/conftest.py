@@ -1,16 +1,15 @@
-import importlib.util
 import os
 
 import pytest
+
+from raptr_jax import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(name: str, preset: str = ""):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(preset)
+  path = os.path.join(ROOT, "configs", f"{name}.py")
+  return main.load_config(f"{path}:{preset}" if preset else path)
 
 
 @pytest.fixture

@@ -128,7 +128,6 @@ def calibrate(cfg, steps: int = 10, warmup: int = 2, table: str | None = None, v
   """Times every step kind of ``cfg``'s plan on this device and writes them into the table."""
   from raptr_jax import train as train_lib  # pylint: disable=g-import-not-at-top
   from raptr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  cfg = cfg.copy_and_resolve_references() if hasattr(cfg, "copy_and_resolve_references") else cfg
   path = table or table_path(cfg)
   run = train_lib.setup(cfg, need_costs=False)
   if cfg.data.source == "synthetic":

@@ -90,8 +90,8 @@ def make_train_step(ctx: StepContext, select: Callable | None, hessian: bool = F
   def train_step(state: TrainState, batch, key, progress, hessian_batch=None):
     selection = select(key, batch) if select is not None else None
 
-    def loss_of(params, b=batch):
-      return ctx.loss_fn(nnx.merge(ctx.graphdef, params), b, selection, ctx.packed)
+    def loss_of(params):
+      return ctx.loss_fn(nnx.merge(ctx.graphdef, params), batch, selection, ctx.packed)
 
     (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
     extra = {}

@@ -200,6 +200,7 @@ def train(cfg, workdir: str) -> dict:
   wall0, last = time.perf_counter() - wall_before, {}
   wall = lambda: time.perf_counter() - wall0  # wall-clock seconds of training, across resumes
   compiled = set(run.steps.compiled_shapes)
+  hessian_interval = run.steps.ctx.optimizer.hessian_interval
   try:
     while progress < budget:
       fraction = progress / budget
@@ -207,19 +208,19 @@ def train(cfg, workdir: str) -> dict:
       stage = plan.stages[stage_index]
       key = jax.random.fold_in(base_key, step)
       args = (state, device_batch(batches.next_batch(), mesh), key, jnp.float32(fraction))
-      k = run.steps.ctx.optimizer.hessian_interval
-      hessian = bool(k) and step % k == k - 1  # Sophia-G: a GNB pass on its own batch
+      hessian = bool(hessian_interval) and step % hessian_interval == hessian_interval - 1  # Sophia-G
       if hessian:
         args += (device_batch(batches.next_batch(), mesh),)
       state, m = run.steps.train_step(stage, hessian)(*args)
       step += 1
-      tokens += stage.tokens_per_step or plan.tokens_per_step
+      step_tokens = stage.tokens_per_step or plan.tokens_per_step
+      tokens += step_tokens
       charge = plan.charge(stage, hessian)
       prev, progress = fraction, progress + charge
       if (stage.shape, hessian) in compiled:
         step_flops = flops_lib.train_flops_per_step(
             run.model_cfg, cfg.data.batch_size, cfg.data.seq_len, stage.active_layers)
-        timer.add(m, stage.tokens_per_step or plan.tokens_per_step, step_flops * (2 if hessian else 1))
+        timer.add(m, step_tokens, step_flops * (2 if hessian else 1))
       else:  # this step compiled: keep it out of the timings
         jax.block_until_ready(m)
         compiled.add((stage.shape, hessian))

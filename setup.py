@@ -1,5 +1,7 @@
 from setuptools import find_packages, setup
 
+DATA = ["seqio>=0.0.19", "tensorflow-datasets>=4.9.4", "tensorflow>=2.16"]
+
 setup(
     name="raptr_jax",
     version="0.1.0",
@@ -22,6 +24,8 @@ setup(
         "matplotlib>=3.8",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        # Real corpora (C4, Wikipedia + BookCorpus, MiniPile) through seqio / tensorflow-datasets.
+        "data": DATA,
+        "test": ["pytest>=8", *DATA],
     },
 )

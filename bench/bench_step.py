@@ -1,7 +1,8 @@
-"""Times the decoder train step on synthetic tokens: step time, tokens/s, MFU. No TensorFlow.
+"""Times a family's train step on synthetic tokens: step time, tokens/s, MFU. No TensorFlow.
 
     python bench/bench_step.py                       # the ~350M decoder of bench/README.md
-    python bench/bench_step.py --preset=tiny         # a CPU smoke run
+    python bench/bench_step.py --preset=bert_base    # crammed BERT; t5_base: T5 v1.1-base
+    python bench/bench_step.py --preset=tiny         # a CPU smoke run (bert_tiny, t5_tiny too)
     python bench/bench_step.py --set model.remat=dots --set data.batch_size=32
 
 MFU = analytic model FLOPs per step (flops.py: causal attention counted at half, no remat
@@ -29,6 +30,22 @@ PRESETS = {
     "tiny": dict(model=dict(d_model=128, num_layers=2, num_heads=2, head_dim=64, mlp_dim=512,
                             gated_mlp=False, vocab_size=1024),
                  data=dict(seq_len=128, batch_size=4)),
+    # Crammed BERT of No Train No Gain (16 layers of BERT-base width, ~120M), sparse MLM head.
+    "bert_base": dict(model=dict(family="bert", d_model=768, num_layers=16, num_heads=12, head_dim=64,
+                                 mlp_dim=3072, gated_mlp=False, position="learned", max_len=512,
+                                 tied_embeddings=True, vocab_size=32768),
+                      data=dict(objective="mlm", seq_len=128, batch_size=256)),
+    # T5 v1.1-base of No Train No Gain: 12 + 12 layers, inputs 512, targets 114.
+    "t5_base": dict(model=dict(family="t5", d_model=768, num_layers=12, num_decoder_layers=12, num_heads=12,
+                               head_dim=64, mlp_dim=2048, gated_mlp=True, position="relative",
+                               vocab_size=32128),
+                    data=dict(objective="span_corruption", seq_len=512, target_len=114, batch_size=48)),
+    "bert_tiny": dict(model=dict(family="bert", d_model=128, num_layers=2, num_heads=2, head_dim=64, mlp_dim=512,
+                                 position="learned", vocab_size=1024),
+                      data=dict(objective="mlm", seq_len=128, batch_size=4)),
+    "t5_tiny": dict(model=dict(family="t5", d_model=128, num_layers=2, num_heads=2, head_dim=64, mlp_dim=512,
+                               position="relative", vocab_size=1024),
+                    data=dict(objective="span_corruption", seq_len=128, target_len=32, batch_size=4)),
 }
 
 
@@ -51,8 +68,8 @@ def main():
   run = train_lib.setup(cfg)
   state = run.init()
   step_fn = run.steps.train_step(run.plan.stages[0])
-  batch = train_lib.device_batch(
-      synthetic_batch(cfg.data.batch_size, cfg.data.seq_len, run.model_cfg.vocab_size), run.mesh)
+  batch = run.device_batch(synthetic_batch(cfg.data.batch_size, cfg.data.seq_len, run.model_cfg.vocab_size,
+                                           family=cfg.model.family, target_len=cfg.data.target_len))
   key = jax.random.key(0)
   t = time.perf_counter()
   state, m = step_fn(state, batch, key, jnp.float32(0.5))
@@ -69,12 +86,13 @@ def main():
     times.append(time.perf_counter() - t)
   step_s = statistics.median(times)
   tokens = cfg.data.batch_size * cfg.data.seq_len
-  flops = flops_lib.train_flops_per_step(run.model_cfg, cfg.data.batch_size, cfg.data.seq_len)
+  flops = flops_lib.family_train_flops(cfg.model.family, run.model_cfg, cfg.data.batch_size, cfg.data.seq_len,
+                                      cfg.data.target_len)
   params = sum(x.size for x in jax.tree.leaves(state.params))
   peak = flops_lib.device_peak_flops()
   mfu = f"{flops / step_s / (peak * jax.device_count()):.1%}" if peak else "n/a (unknown device peak)"
   print(f"device: {jax.device_count()} x {jax.devices()[0].device_kind}  jax {jax.__version__}")
-  print(f"model: {params / 1e6:.0f}M params, {cfg.model.num_layers} layers, d={cfg.model.d_model}, "
+  print(f"model: {cfg.model.family}, {params / 1e6:.0f}M params, {cfg.model.num_layers} layers, d={cfg.model.d_model}, "
         f"batch {cfg.data.batch_size} x seq {cfg.data.seq_len}, dtype {cfg.model.dtype}, remat {cfg.model.remat}")
   print(f"compile {compile_s:.1f}s | step {step_s * 1e3:.1f} ms (median of {args.steps}) | "
         f"{tokens / step_s:,.0f} tokens/s | {flops / step_s / 1e12:.1f} TFLOP/s | MFU {mfu} | loss {float(m['loss']):.3f}")

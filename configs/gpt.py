@@ -3,7 +3,7 @@
     python -m raptr_jax.main --config=configs/gpt.py
     python -m raptr_jax.main --config=configs/gpt.py:tiny
 """
-from raptr_jax.config import base_config
+from raptr_jax.config import base_config, tiny_preset
 
 
 def get_config(preset: str = ""):
@@ -18,12 +18,7 @@ def get_config(preset: str = ""):
   c.eval.update(every=0.2, batches=8)
   c.checkpoint.every = 100
   if preset == "tiny":
-    c.budget.value = 20
-    c.model.update(d_model=64, num_layers=2, num_heads=2, head_dim=32, mlp_dim=256)
-    c.data.update(seq_len=64, batch_size=8)
-    c.eval.update(every=0.5, batches=2)
-    c.checkpoint.every = 10
-    c.log.every = 5
+    tiny_preset(c, steps=20, mlp_dim=256)
   elif preset:
     raise ValueError(f"unknown preset {preset!r} for configs/gpt.py; use tiny or none")
   return c

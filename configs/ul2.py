@@ -15,7 +15,7 @@ Presets:
   width; we use d_model 2048, 16 heads of 128, gated-GELU MLP 8192 (1.6B parameters with the
   32k T5 vocabulary). It needs a real dataset and vocabulary (data.source, data.vocab_path).
 """
-from raptr_jax.config import base_config
+from raptr_jax.config import base_config, tiny_preset
 
 
 def get_config(preset: str = ""):
@@ -28,12 +28,7 @@ def get_config(preset: str = ""):
   c.eval.update(every=0.2, batches=8)
   c.checkpoint.every = 100
   if preset == "tiny":
-    c.budget.value = 30
-    c.model.update(d_model=64, num_layers=2, num_heads=2, head_dim=32, mlp_dim=128)
-    c.data.update(seq_len=64, batch_size=8)
-    c.eval.update(every=0.5, batches=2)
-    c.checkpoint.every = 10
-    c.log.every = 5
+    tiny_preset(c)
   elif preset == "paper":
     c.budget.value = 400_000
     c.model.update(d_model=2048, num_layers=24, num_heads=16, head_dim=128, mlp_dim=8192,

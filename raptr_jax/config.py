@@ -11,6 +11,8 @@ from raptr_jax.optim import check_optimizer
 from raptr_jax.optim.schedules import check_schedule
 from raptr_jax.plan import UNITS
 
+DATA_SOURCES = ("builtin", "synthetic", "c4", "wikipedia_books", "minipile")
+
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -22,13 +24,25 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
   c.distributed = dict(initialize=False)  # jax.distributed.initialize() for multi-host runs
   c.model = dict(
-      family="decoder", vocab_size=0,  # 0: the vocabulary's size (padded to a multiple of 128)
+      family="decoder",                # decoder | bert | t5
+      vocab_size=0,                    # 0: the vocabulary's size (padded to a multiple of 128)
       d_model=256, num_layers=4, num_heads=4, head_dim=64, mlp_dim=1024, gated_mlp=True,
       activation="gelu", position="rotary", max_len=2048, tied_embeddings=False,
       dtype="bfloat16", param_dtype="float32", remat="none", scan_layers=True,
-      norm_eps=1e-6, init_std=0.02, attention_impl=None)
+      norm_eps=1e-6, init_std=0.02, attention_impl=None,
+      relative_buckets=32, relative_max_distance=128,  # position="relative" (T5)
+      num_decoder_layers=0,            # t5: 0 = num_layers
+      select_stacks="both")            # t5: which stacks a method's selection acts on
   c.data = dict(
-      source="builtin", vocab_path="", objective="ul2", denoisers=(), seq_len=256,
+      source="builtin",          # builtin | synthetic | c4 | wikipedia_books | minipile
+      tfds_data_dir="",          # prepared tfds datasets (local path or gs://) for real corpora
+      tfds_names=(),             # override the corpus' tfds names, e.g. ("c4/en:3.1.0",)
+      vocab_path="", extra_ids=100,
+      objective="ul2",           # decoder: ul2 | causal_lm; bert: mlm; t5: span_corruption
+      denoisers=(), seq_len=256,  # seq_len: row length (t5: encoder input length)
+      target_len=0,              # t5: decoder length; 0 = exactly what span corruption makes
+      noise_density=0.15, mean_noise_span=3.0,  # t5 span corruption
+      mlm_rate=0.15, max_predictions=-1,        # bert: -1 auto sparse prediction, 0 dense head
       batch_size=32)
   c.optimizer = dict(
       name="adamw",              # adamw | lion | sophia_g | sophia_h | adafactor
@@ -45,6 +59,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint = dict(every=200, keep=2, async_save=True)  # every: steps; 0 = only at the end
   c.log = dict(every=10, tensorboard=True, progress_bar=True)
   c.train = dict(peak_flops=0.0, stop_at_step=0)  # peak_flops 0: device table; stop_at_step: simulate a kill
+  return c
+
+
+def tiny_preset(c, steps: int = 30, **model) -> ml_collections.ConfigDict:
+  """The ``tiny`` preset every config file offers (tests, smoke runs): a 2-layer d=64 model
+  (``model`` overrides), batch 8 x 64, ``steps`` steps, frequent eval, logs and checkpoints."""
+  c.budget.unit, c.budget.value = "steps", steps
+  c.model.update(dict(d_model=64, num_layers=2, num_heads=2, head_dim=32, mlp_dim=128) | model)
+  c.data.update(seq_len=64, batch_size=8)
+  c.eval.update(every=0.5, batches=2)
+  c.checkpoint.every = 10
+  c.log.every = 5
   return c
 
 
@@ -70,9 +96,21 @@ def validate(cfg) -> None:
   check_schedule(cfg.schedule.name, cfg.schedule.warmup, cfg.schedule.final)
   if not cfg.schedule.peak > 0:
     raise ValueError(f"schedule.peak must be positive, got {cfg.schedule.peak}")
-  if cfg.data.source not in ("builtin", "synthetic"):
-    raise ValueError(f"data.source must be 'builtin' (the corpus shipped in the package) or "
-                     f"'synthetic' (benchmarks), got {cfg.data.source!r}")
+  if cfg.data.source not in DATA_SOURCES:
+    raise ValueError(f"data.source must be one of {DATA_SOURCES} ('builtin': the corpus shipped in "
+                     f"the package; 'synthetic': benchmarks; others: prepared tfds datasets in "
+                     f"data.tfds_data_dir), got {cfg.data.source!r}")
+  families = {"decoder": ("ul2", "causal_lm"), "bert": ("mlm",), "t5": ("span_corruption",)}
+  if cfg.model.family not in families:
+    raise ValueError(f"model.family must be one of {sorted(families)}, got {cfg.model.family!r}")
+  if cfg.data.objective not in families[cfg.model.family]:
+    owner = [f for f, objs in families.items() if cfg.data.objective in objs]
+    raise ValueError(
+        f"data.objective={cfg.data.objective!r} does not train model.family={cfg.model.family!r} "
+        f"(it trains with {families[cfg.model.family]})"
+        + (f"; {cfg.data.objective!r} is an objective of the {owner[0]!r} family" if owner else ""))
+  if cfg.data.extra_ids < 0:
+    raise ValueError(f"data.extra_ids must be >= 0, got {cfg.data.extra_ids}")
   if cfg.data.batch_size <= 0 or cfg.data.seq_len <= 8:
     raise ValueError(f"data.batch_size must be > 0 and data.seq_len > 8, got "
                      f"{cfg.data.batch_size} and {cfg.data.seq_len}")

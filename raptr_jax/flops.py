@@ -40,6 +40,36 @@ def train_flops_per_step(cfg, batch: int, seq_len: int, num_layers: int | None =
   return 3.0 * (full + head)
 
 
+def cross_attention_forward_flops(cfg, batch: int, q_len: int, kv_len: int) -> float:
+  """Forward FLOPs of one cross-attention sublayer: q/o projections on the queries, k/v on the
+  encoder tokens, scores and values over every encoder position."""
+  proj = 2 * cfg.d_model * cfg.num_heads * cfg.head_dim
+  return batch * (2 * proj * q_len + 2 * proj * kv_len + 2 * 2 * q_len * kv_len * cfg.num_heads * cfg.head_dim)
+
+
+def family_train_flops(family: str, cfg, batch: int, seq_len: int, target_len: int = 0,
+                       num_layers: int | None = None) -> float:
+  """Model FLOPs of one training step of a family (``num_layers`` active layers per stack).
+
+  decoder: causal layers + head on every position. bert: bidirectional layers + head on the
+  ``max_predictions`` sparse positions (every position when 0). t5: bidirectional encoder on
+  ``seq_len`` inputs; causal decoder with cross-attention on ``target_len`` targets; head on
+  the targets."""
+  if family == "decoder":
+    return train_flops_per_step(cfg, batch, seq_len, num_layers)
+  head = lambda positions: 2 * cfg.d_model * cfg.vocab_size * batch * positions
+  if family == "bert":
+    layers = num_layers or cfg.num_layers
+    fwd = layer_forward_flops(cfg, batch * seq_len, seq_len, causal=False) * layers
+    return 3.0 * (fwd + head(cfg.max_predictions or seq_len))
+  if family == "t5":
+    t = target_len or max(1, seq_len // 4)
+    enc = layer_forward_flops(cfg, batch * seq_len, seq_len, causal=False) * (num_layers or cfg.num_layers)
+    dec_layer = layer_forward_flops(cfg, batch * t, t, causal=True) + cross_attention_forward_flops(cfg, batch, t, seq_len)
+    return 3.0 * (enc + dec_layer * (num_layers or cfg.decoder_layers) + head(t))
+  raise ValueError(f"no FLOP count for family {family!r}")
+
+
 def device_peak_flops(device=None) -> float | None:
   """bf16 peak of a known accelerator, else None (CPU: MFU is not reported)."""
   device = device or jax.devices()[0]

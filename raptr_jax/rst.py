@@ -131,12 +131,13 @@ def calibrate(cfg, steps: int = 10, warmup: int = 2, table: str | None = None, v
   path = table or table_path(cfg)
   run = train_lib.setup(cfg, need_costs=False)
   if cfg.data.source == "synthetic":
-    sample = lambda: pipeline.synthetic_batch(cfg.data.batch_size, cfg.data.seq_len, run.model_cfg.vocab_size)
+    sample = lambda: pipeline.synthetic_batch(cfg.data.batch_size, cfg.data.seq_len, run.model_cfg.vocab_size,
+                                             family=cfg.model.family, target_len=cfg.data.target_len)
   else:
     stream = pipeline.build_stream(cfg.data, "train", cfg.data.batch_size, cfg.seed, train=True)
     sample = stream.next_batch
-  batch = train_lib.device_batch(sample(), run.mesh)
-  hbatch = train_lib.device_batch(sample(), run.mesh)
+  batch = run.device_batch(sample())
+  hbatch = run.device_batch(sample())
   state = run.init()
   context = context_key(cfg, run.model_cfg)
   table = load_table(path)

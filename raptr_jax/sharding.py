@@ -23,6 +23,7 @@ RULES = {
     "layers": None,
     "norm": None,
     "length": None,
+    "relpos_buckets": None,
 }
 
 

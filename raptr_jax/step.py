@@ -16,7 +16,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from raptr_jax import sharding as shd
 from raptr_jax.optim import gnb_hessian_estimate, layer_activity, sophia_metrics
 
-BATCH_FIELDS = ("inputs", "targets", "weights", "prefix", "segment_ids", "positions")
 
 
 @jax.tree_util.register_dataclass
@@ -38,7 +37,9 @@ class StepContext:
   mesh: jax.sharding.Mesh
   state_shardings: Any
   num_layers: int
+  batch_fields: tuple[str, ...]   # the batch arrays the family's loss reads
   packed: bool = True       # False: one causal row per example, no masks (benchmarks)
+  wrap_select: Callable = lambda select: select  # family hook (t5: one selection per stack)
 
   @property
   def tx(self):
@@ -78,14 +79,15 @@ def state_shardings(abstract_state: TrainState, axes_tree, mesh, tx) -> TrainSta
   return TrainState(repl, params, opt)
 
 
-def batch_shardings(mesh):
-  return {k: shd.batch_sharding(mesh) for k in BATCH_FIELDS}
+def batch_shardings(mesh, fields):
+  return {k: shd.batch_sharding(mesh) for k in fields}
 
 
 def make_train_step(ctx: StepContext, select: Callable | None, hessian: bool = False):
   """The jitted step of a stage; ``hessian=True`` adds Sophia-G's GNB pass on its own batch:
   ``train_step(state, batch, key, progress, hessian_batch)``."""
   opt = ctx.optimizer
+  select = ctx.wrap_select(select) if select is not None else None
 
   def train_step(state: TrainState, batch, key, progress, hessian_batch=None):
     selection = select(key, batch) if select is not None else None
@@ -104,8 +106,9 @@ def make_train_step(ctx: StepContext, select: Callable | None, hessian: bool = F
           opt.hessian_grad_clip)
     if opt.needs_obj_fn:
       extra["obj_fn"] = lambda p: loss_of(p)[0]
-    if opt.freeze_inactive and selection is not None and selection.layers is not None:
-      extra["active"] = layer_activity(state.params, selection.layers.indices, ctx.num_layers)
+    if opt.freeze_inactive and selection is not None and selection.layer_selections():
+      extra["active"] = layer_activity(
+          state.params, {k: s.indices for k, s in selection.layer_selections().items()})
     updates, opt_state = opt.tx.update(grads, state.opt_state, state.params, **extra)
     lr = ctx.lr_fn(progress)
     params = jax.tree.map(lambda p, u: (p - lr * u).astype(p.dtype), state.params, updates)
@@ -115,9 +118,9 @@ def make_train_step(ctx: StepContext, select: Callable | None, hessian: bool = F
     return TrainState(state.step + 1, params, opt_state), metrics
 
   repl = shd.replicated(ctx.mesh)
-  in_shardings = (ctx.state_shardings, batch_shardings(ctx.mesh), repl, repl)
+  in_shardings = (ctx.state_shardings, batch_shardings(ctx.mesh, ctx.batch_fields), repl, repl)
   if hessian:
-    in_shardings += (batch_shardings(ctx.mesh),)
+    in_shardings += (batch_shardings(ctx.mesh, ctx.batch_fields),)
   return jax.jit(train_step, in_shardings=in_shardings, out_shardings=(ctx.state_shardings, repl),
                  donate_argnums=(0,))
 
@@ -130,7 +133,7 @@ def make_eval_step(ctx: StepContext):
     return aux["loss_sum"], aux["loss_tokens"]
 
   repl = shd.replicated(ctx.mesh)
-  return jax.jit(eval_step, in_shardings=(ctx.state_shardings.params, batch_shardings(ctx.mesh)),
+  return jax.jit(eval_step, in_shardings=(ctx.state_shardings.params, batch_shardings(ctx.mesh, ctx.batch_fields)),
                  out_shardings=(repl, repl))
 
 

@@ -29,9 +29,10 @@ from raptr_jax import rst
 from raptr_jax import sharding as shd
 from raptr_jax import step as step_lib
 from raptr_jax.config import validate
-from raptr_jax.data import pipeline
+from raptr_jax.data import objectives, pipeline
+from raptr_jax.data.corruption import mlm_max_predictions, target_length
 from raptr_jax.data.vocab import load_vocabulary
-from raptr_jax.models import FAMILIES, model_config
+from raptr_jax.models import get_family, model_config
 from raptr_jax.optim import build_optimizer, decay_mask, learning_rate
 
 
@@ -49,6 +50,10 @@ class Run:
   steps: step_lib.StepCache
   init: object
   abstract_state: object
+
+  def device_batch(self, batch):
+    """This host's rows of a global numpy batch as global arrays on the mesh."""
+    return device_batch(batch, self.mesh, self.steps.ctx.batch_fields)
 
 
 def budget_in_units(cfg) -> tuple[str, float]:
@@ -75,13 +80,18 @@ def setup(cfg, need_costs: bool = True) -> Run:
   if cfg.data.batch_size % jax.process_count():
     raise ValueError(f"data.batch_size {cfg.data.batch_size} is not divisible by the "
                      f"{jax.process_count()} hosts")
-  vocab_size = load_vocabulary(cfg.data.vocab_path).vocab_size if cfg.data.source == "builtin" else 0
-  if not (cfg.model.vocab_size or vocab_size):
+  synthetic = cfg.data.source == "synthetic"
+  vocab = None if synthetic else load_vocabulary(cfg.data.vocab_path, cfg.data.extra_ids)
+  if not (cfg.model.vocab_size or vocab):
     raise ValueError("model.vocab_size must be set when the data source has no vocabulary")
-  mcfg = model_config(cfg.model, vocab_size)
-  if cfg.model.family not in FAMILIES:
-    raise ValueError(f"unknown model.family {cfg.model.family!r}; available: {sorted(FAMILIES)}")
-  family = FAMILIES[cfg.model.family]
+  derived = {}
+  if cfg.model.family == "bert":
+    derived["max_predictions"] = mlm_max_predictions(cfg.data.seq_len, cfg.data.mlm_rate,
+                                                     cfg.data.max_predictions)
+  if not synthetic:  # objective errors (lengths, sentinels) now, not in the data thread
+    objectives.build_objective(cfg.data.objective, vocab, cfg.data)
+  mcfg = model_config(cfg.model, vocab.vocab_size if vocab else 0, **derived)
+  family = get_family(cfg.model.family)
   factory = lambda: family.module(mcfg, rngs=nnx.Rngs(params=cfg.seed))
   graphdef, abstract_params = nnx.split(nnx.eval_shape(factory))
   axes = shd.logical_axes_tree(abstract_params)
@@ -97,7 +107,8 @@ def setup(cfg, need_costs: bool = True) -> Run:
   s = cfg.schedule
   lr_fn = functools.partial(learning_rate, name=s.name, peak=s.peak, warmup=s.warmup, final=s.final)
   ctx = step_lib.StepContext(graphdef, family.loss_fn, family.logits_fn, optimizer, lr_fn, mesh,
-                             shardings, mcfg.num_layers, packed=cfg.data.source != "synthetic")
+                             shardings, mcfg.num_layers, family.batch_fields, packed=not synthetic,
+                             wrap_select=lambda select: family.wrap_select(select, cfg.model))
   init_jit = jax.jit(init, out_shardings=shardings)
   run = Run(cfg, mesh, mcfg, build_plan(cfg), step_lib.StepCache(ctx), init_jit, abstract)
   if run.plan.unit == "rst_seconds" and need_costs:
@@ -105,18 +116,18 @@ def setup(cfg, need_costs: bool = True) -> Run:
   return run
 
 
-def device_batch(batch, mesh):
+def device_batch(batch, mesh, fields):
   """Puts this host's rows of a global numpy batch onto the mesh as global arrays."""
   local = pipeline.host_rows(batch, jax.process_index(), jax.process_count())
   sharding = shd.batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(local[k]))
-          for k in step_lib.BATCH_FIELDS}
+          for k in fields}
 
 
 def evaluate(run: Run, params, batches) -> float:
   total, count = 0.0, 0.0
   for batch in batches:
-    s, c = run.steps.eval_step(params, device_batch(batch, run.mesh))
+    s, c = run.steps.eval_step(params, run.device_batch(batch))
     total, count = total + s, count + c
   return float(total / jnp.maximum(count, 1.0))
 
@@ -207,10 +218,10 @@ def train(cfg, workdir: str) -> dict:
       stage_index = plan.stage_index(fraction)
       stage = plan.stages[stage_index]
       key = jax.random.fold_in(base_key, step)
-      args = (state, device_batch(batches.next_batch(), mesh), key, jnp.float32(fraction))
+      args = (state, run.device_batch(batches.next_batch()), key, jnp.float32(fraction))
       hessian = bool(hessian_interval) and step % hessian_interval == hessian_interval - 1  # Sophia-G
       if hessian:
-        args += (device_batch(batches.next_batch(), mesh),)
+        args += (run.device_batch(batches.next_batch()),)
       state, m = run.steps.train_step(stage, hessian)(*args)
       step += 1
       step_tokens = stage.tokens_per_step or plan.tokens_per_step
@@ -218,8 +229,9 @@ def train(cfg, workdir: str) -> dict:
       charge = plan.charge(stage, hessian)
       prev, progress = fraction, progress + charge
       if (stage.shape, hessian) in compiled:
-        step_flops = flops_lib.train_flops_per_step(
-            run.model_cfg, cfg.data.batch_size, cfg.data.seq_len, stage.active_layers)
+        step_flops = flops_lib.family_train_flops(
+            cfg.model.family, run.model_cfg, cfg.data.batch_size, cfg.data.seq_len,
+            target_length(cfg.data), stage.active_layers)
         timer.add(m, step_tokens, step_flops * (2 if hessian else 1))
       else:  # this step compiled: keep it out of the timings
         jax.block_until_ready(m)

@@ -12,10 +12,14 @@ def load_config(name: str, preset: str = ""):
   return main.load_config(f"{path}:{preset}" if preset else path)
 
 
-@pytest.fixture
-def tiny_config():
-  cfg = load_config("ul2", "tiny")
+def quiet(cfg):
+  """No progress bar, no TensorBoard, synchronous checkpoints: what tests want."""
   cfg.log.progress_bar = False
   cfg.log.tensorboard = False
   cfg.checkpoint.async_save = False
   return cfg
+
+
+@pytest.fixture
+def tiny_config():
+  return quiet(load_config("ul2", "tiny"))

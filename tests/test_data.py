@@ -1,8 +1,15 @@
 import numpy as np
 import pytest
 
+from raptr_jax.config import base_config
 from raptr_jax.data import corpus, objectives, packing, pipeline
 from raptr_jax.data.vocab import EOS_ID, PAD_ID, UNK_ID, load_vocabulary
+
+
+def data_config(**fields):
+  cfg = base_config().data
+  cfg.update(seq_len=64, **fields)
+  return cfg
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +103,7 @@ def test_packing_segments_positions_and_padding():
 
 
 def test_stream_resumes_exactly_and_host_rows_partition():
-  from ml_collections import ConfigDict
-  cfg = ConfigDict(dict(source="builtin", vocab_path="", objective="ul2", denoisers=(), seq_len=64))
+  cfg = data_config(source="builtin", objective="ul2")
   stream = pipeline.build_stream(cfg, "train", 4, seed=1, train=True)
   for _ in range(3):
     stream.next_batch()
@@ -116,8 +122,7 @@ def test_stream_resumes_exactly_and_host_rows_partition():
 
 
 def test_validation_stream_is_finite_and_fixed():
-  from ml_collections import ConfigDict
-  cfg = ConfigDict(dict(source="builtin", vocab_path="", objective="causal_lm", denoisers=(), seq_len=64))
+  cfg = data_config(source="builtin", objective="causal_lm")
   a = list(pipeline.build_stream(cfg, "validation", 8, seed=0, train=False))
   b = list(pipeline.build_stream(cfg, "validation", 8, seed=5, train=False))
   assert len(a) == len(b) > 5
@@ -125,15 +130,13 @@ def test_validation_stream_is_finite_and_fixed():
 
 
 def test_unknown_source_is_a_clear_error():
-  from ml_collections import ConfigDict
-  cfg = ConfigDict(dict(source="c4", vocab_path="", objective="ul2", denoisers=(), seq_len=64))
-  with pytest.raises(ValueError, match="data.source='c4'"):
+  cfg = data_config(source="nope", objective="ul2")
+  with pytest.raises(ValueError, match="data.source='nope'"):
     pipeline.build_stream(cfg, "train", 4, seed=1, train=True)
 
 
 def test_prefetcher_state_names_the_position_after_the_last_batch_handed_out():
-  from ml_collections import ConfigDict
-  cfg = ConfigDict(dict(source="builtin", vocab_path="", objective="ul2", denoisers=(), seq_len=64))
+  cfg = data_config(source="builtin", objective="ul2")
   direct = pipeline.build_stream(cfg, "train", 4, seed=2, train=True)
   ahead = pipeline.Prefetcher(pipeline.build_stream(cfg, "train", 4, seed=2, train=True), depth=3)
   for _ in range(3):

@@ -231,7 +231,7 @@ def test_train_step_freezes_unselected_layers_only_when_asked(freeze, tiny_confi
   state = run.init()
   before = jax.device_get(state.params)["layers"]
   for i in range(2):
-    batch = train_lib.device_batch(stream.next_batch(), run.mesh)
+    batch = run.device_batch(stream.next_batch())
     state, _ = run.steps.train_step(stage)(state, batch, jax.random.key(i), jnp.float32(0.5))
   after = jax.device_get(state.params)["layers"]
   for name in after:

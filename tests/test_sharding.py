@@ -34,10 +34,10 @@ def test_logical_rules_and_undivisible_dims():
   assert shd.spec_for(("batch", "length"), (8, 16), m) == P(("data", "fsdp"), None)
 
 
-def _run_tiny(workdir, devices, mesh, steps=6, extra=()):
+def _run_tiny(workdir, devices, mesh, steps=6, extra=(), config="ul2"):
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              JAX_PLATFORMS="cpu")
-  cmd = [sys.executable, "-m", "raptr_jax.main", "--config=configs/ul2.py:tiny", f"--workdir={workdir}",
+  cmd = [sys.executable, "-m", "raptr_jax.main", f"--config=configs/{config}.py:tiny", f"--workdir={workdir}",
          f"--config.budget.value={steps}", "--config.log.every=1", "--config.log.progress_bar=False",
          "--config.model.dtype=float32", "--config.eval.every=0.5",
          *[f"--config.mesh.{k}={v}" for k, v in zip(("data", "fsdp", "tensor"), mesh)], *extra]
@@ -47,13 +47,14 @@ def _run_tiny(workdir, devices, mesh, steps=6, extra=()):
     return [json.loads(line) for line in f][1:]  # row 0 is the evaluation before training
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "sophia_g"])
-def test_sharded_run_matches_single_device(tmp_path, optimizer):
-  """The same tiny run on 1 device and on 8 fake devices (data=2, fsdp=2, tensor=2); Sophia-G's
-  GNB pass (sampled labels) every 2 steps included."""
+@pytest.mark.parametrize("config,optimizer", [("ul2", "adamw"), ("ul2", "sophia_g"), ("bert", "adamw"),
+                                              ("t5", "adamw")])
+def test_sharded_run_matches_single_device(tmp_path, config, optimizer):
+  """The same tiny run on 1 device and on 8 fake devices (data=2, fsdp=2, tensor=2), for each
+  family; Sophia-G's GNB pass (sampled labels) every 2 steps included."""
   extra = (f"--config.optimizer.name={optimizer}", "--config.optimizer.hessian_interval=2")
-  single = _run_tiny(tmp_path / "one", 1, (1, 1, 1), extra=extra)
-  sharded = _run_tiny(tmp_path / "eight", 8, (2, 2, 2), extra=extra)
+  single = _run_tiny(tmp_path / "one", 1, (1, 1, 1), extra=extra, config=config)
+  sharded = _run_tiny(tmp_path / "eight", 8, (2, 2, 2), extra=extra, config=config)
   assert [r["step"] for r in single] == [r["step"] for r in sharded] == list(range(1, 7))
   for key in ("train/loss", "grad_norm"):
     np.testing.assert_allclose([r[key] for r in sharded], [r[key] for r in single], rtol=2e-5)

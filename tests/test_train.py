@@ -12,11 +12,12 @@ from raptr_jax import train as train_lib
 from raptr_jax.checkpoint import CheckpointError
 from raptr_jax.metrics import read_metrics
 from raptr_jax.models import LayerSelection, Selection
-from conftest import ROOT
+from conftest import ROOT, load_config, quiet
 
 
-def test_resumed_run_reaches_the_losses_of_an_uninterrupted_one(tiny_config, tmp_path):
-  cfg = tiny_config
+@pytest.mark.parametrize("family_config", ["ul2", "bert", "t5"])
+def test_resumed_run_reaches_the_losses_of_an_uninterrupted_one(family_config, tiny_config, tmp_path):
+  cfg = tiny_config if family_config == "ul2" else quiet(load_config(family_config, "tiny"))
   cfg.budget.value, cfg.checkpoint.every, cfg.log.every, cfg.eval.every = 12, 4, 1, 0.5
   train_lib.train(cfg, str(tmp_path / "straight"))
   cfg.train.stop_at_step = 6  # "killed" after step 6: steps 5 and 6 are lost, step 4 is saved

@@ -1,6 +1,6 @@
-"""Pretraining objectives for the decoder-only family, as deterministic numpy transforms.
+"""Pretraining objectives, as deterministic numpy transforms of one example's token ids.
 
-Each objective maps one example (raw token ids) to an *aligned* record of equal-length arrays:
+Decoder-only objectives map one example (raw token ids) to an *aligned* record of equal-length arrays:
 ``inputs`` (fed to the model), ``targets`` (the next token at each position), ``weights`` (1
 where the loss is taken) and ``prefix`` (1 where attention is bidirectional, the prefix-LM mask
 of UL2's decoder-only form). Randomness comes only from ``example_rng(seed, id, epoch)``, so the
@@ -15,15 +15,37 @@ same example is corrupted the same way on every host, after resumption, and in a
   ``[paradigm] inputs targets``; the paradigm token and inputs form the bidirectional prefix,
   the loss is on targets only. Defaults: the paper's seven denoisers with equal weight
   (R: mu=3 r=0.15, mu=8 r=0.15; X: mu=3 r=0.5, mu=8 r=0.5, mu=64 r=0.15, mu=64 r=0.5; S: r=0.25).
+
+The encoder-only and encoder-decoder objectives live in ``masking.py`` (MLM, T5 span
+corruption); ``build_objective`` returns any of them with the packing layout it needs.
 """
 import dataclasses
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
+from raptr_jax.data import packing
 from raptr_jax.data.vocab import EOS_ID, Vocabulary
 
 PARADIGM = {"R": "[NLU]", "X": "[NLG]", "S": "[S2S]"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """An objective as the data pipeline uses it.
+
+  ``transform(tokens, seq_len, rng)`` makes one example's record; ``groups`` say how records
+  are packed (one group of aligned fields, or an encoder and a decoder group of their own
+  lengths); examples are cut from documents ``chunk_length`` raw tokens at a time;
+  ``max_row_weight`` (if set) caps the loss positions of one packed row (MLM sparse prediction).
+  """
+  transform: Callable
+  groups: tuple
+  chunk_length: int
+  max_row_weight: int = 0
+
+  def __call__(self, tokens, seq_len, rng):
+    return self.transform(tokens, seq_len, rng)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,9 +183,18 @@ class UL2:
     return aligned(seq, predict, prefix_len)
 
 
-def build_objective(name: str, vocab: Vocabulary, denoisers=None):
+def build_objective(name: str, vocab: Vocabulary, data_cfg=None, denoisers=None):
+  """The ``Objective`` (transform + packing layout) called ``name`` for a run's data config."""
+  from raptr_jax.data import corruption  # pylint: disable=g-import-not-at-top
+  seq_len = data_cfg.seq_len if data_cfg is not None else 0
+  decoder_layout = packing.single_group(("inputs", "targets", "weights", "prefix"), seq_len)
   if name == "causal_lm":
-    return lambda tokens, seq_len, rng: causal_lm(tokens, seq_len)
+    return Objective(lambda tokens, n, rng: causal_lm(tokens, n), decoder_layout, seq_len)
   if name == "ul2":
-    return UL2(vocab, denoisers or UL2_DENOISERS)
-  raise ValueError(f"unknown objective {name!r}; the decoder family supports 'causal_lm' and 'ul2'")
+    return Objective(UL2(vocab, denoisers or UL2_DENOISERS), decoder_layout, seq_len)
+  if name == "mlm":
+    return corruption.masked_lm_objective(vocab, data_cfg)
+  if name == "span_corruption":
+    return corruption.span_corruption_objective(vocab, data_cfg)
+  raise ValueError(f"unknown data.objective {name!r}; available: causal_lm, ul2 (decoder), "
+                   "mlm (bert), span_corruption (t5)")

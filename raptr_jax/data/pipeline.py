@@ -6,77 +6,100 @@ objective randomness comes from ``(seed, example id, epoch)``. The stream's whol
 run sees exactly the batches an uninterrupted one would. Every host builds the same global batch
 and keeps its own rows (``host_rows``), which keeps multi-host runs in lockstep.
 """
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 
 from raptr_jax.data import corpus, objectives, packing
 from raptr_jax.data.vocab import load_vocabulary
 
-BATCH_FIELDS = ("inputs", "targets", "weights", "prefix", "segment_ids", "positions")
+
+class ListSource:
+  """Examples held in memory: ``[(id, tokens)]``, shuffled per epoch by ``(seed, epoch)``."""
+
+  def __init__(self, examples, seed: int, shuffle: bool):
+    if not examples:
+      raise ValueError("the data stream has no examples")
+    self.examples, self.seed, self.shuffle = examples, seed, shuffle
+
+  def iterate(self, epoch: int, start: int) -> Iterator[tuple[int, np.ndarray]]:
+    order = np.arange(len(self.examples))
+    if self.shuffle:
+      order = np.random.default_rng([self.seed, epoch, 0x5EED]).permutation(len(self.examples))
+    for i in order[start:]:
+      yield self.examples[i]
 
 
 class PackedStream:
-  """Global batches of packed rows from a list of (id, tokens) examples."""
+  """Global batches of packed rows from a source of (id, tokens) examples.
 
-  def __init__(self, examples, objective: Callable, seq_len: int, batch_size: int, seed: int,
-               shuffle: bool, repeat: bool, max_segments: int = 64):
-    if not examples:
-      raise ValueError("the data stream has no examples")
-    self.examples = examples
+  ``source.iterate(epoch, start)`` yields the examples of an epoch from position ``start`` on,
+  in an order fixed by the seed; the stream's state is the position of the next example not yet
+  placed in a row, so resuming re-creates exactly the rows that would have followed."""
+
+  def __init__(self, source, objective, batch_size: int, seed: int, repeat: bool,
+               max_segments: int = 64):
+    if isinstance(source, list):
+      source = ListSource(source, seed, shuffle=False)
+    if not isinstance(objective, objectives.Objective):  # a bare transform: decoder-style rows
+      raise TypeError("PackedStream needs an objectives.Objective (see objectives.build_objective)")
+    self.source = source
     self.objective = objective
-    self.seq_len = seq_len
     self.batch_size = batch_size
     self.seed = seed
-    self.shuffle = shuffle
     self.repeat = repeat
     self.max_segments = max_segments
-    self.epoch, self.cursor = 0, 0
-    self._order = self._epoch_order(0)
+    self.set_state({"epoch": 0, "cursor": 0})
 
-  def _epoch_order(self, epoch):
-    if not self.shuffle:
-      return np.arange(len(self.examples))
-    return np.random.default_rng([self.seed, epoch, 0x5EED]).permutation(len(self.examples))
+  @property
+  def seq_len(self) -> int:
+    return self.objective.groups[0].length
 
   def get_state(self) -> dict:
     return {"epoch": int(self.epoch), "cursor": int(self.cursor)}
 
   def set_state(self, state: dict) -> None:
     self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
-    self._order = self._epoch_order(self.epoch)
+    self._iter, self._pending = None, None
 
   def _next_example(self):
-    if self.cursor >= len(self._order):
-      if not self.repeat:
+    """The next example not yet placed (the same one until it is), or None at the end."""
+    if self._pending is None:
+      if self._iter is None:
+        self._iter = self.source.iterate(self.epoch, self.cursor)
+      item = next(self._iter, None)
+      if item is None and self.repeat and self.cursor > 0:
+        self.epoch, self.cursor = self.epoch + 1, 0
+        self._iter = self.source.iterate(self.epoch, 0)
+        item = next(self._iter, None)
+      if item is None:
         return None
-      self.set_state({"epoch": self.epoch + 1, "cursor": 0})
-    example_id, tokens = self.examples[self._order[self.cursor]]
-    rng = objectives.example_rng(self.seed, example_id, self.epoch)
-    return example_id, self.objective(tokens, self.seq_len, rng)
+      example_id, tokens = item
+      rng = objectives.example_rng(self.seed, example_id, self.epoch)
+      self._pending = (example_id, self.objective(tokens, self.seq_len, rng))
+    return self._pending
 
   def next_batch(self) -> dict[str, np.ndarray] | None:
     """The next global batch, or None when a non-repeating stream is exhausted."""
-    rows, packer = [], packing.RowPacker(self.seq_len)
+    new_packer = lambda: packing.RowPacker(self.objective.groups, self.objective.max_row_weight)
+    rows, packer = [], new_packer()
     while len(rows) < self.batch_size:
-      state = (self.epoch, self.cursor)
       item = self._next_example()
       if item is None:
         break
       example_id, example = item
       if not packer.empty and not packer.fits(example):
-        rows.append(packer.pop())
-        self.epoch, self.cursor = state  # this example starts the next row
-        self._order = self._epoch_order(self.epoch)
+        rows.append(packer.pop())  # this example starts the next row
         continue
       packer.add(example, example_id)
+      self._pending = None
       self.cursor += 1
     if len(rows) < self.batch_size and not packer.empty:
       rows.append(packer.pop())
     if not rows:
       return None
     while len(rows) < self.batch_size:  # end of a finite stream: empty rows carry no loss
-      rows.append(packing.RowPacker(self.seq_len).pop())
+      rows.append(new_packer().pop())
     return packing.stack_rows(rows, self.max_segments)
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
@@ -86,39 +109,58 @@ class PackedStream:
 
 def host_rows(batch: dict[str, np.ndarray], process_index: int, process_count: int):
   """This host's contiguous slice of a global batch."""
-  n = len(batch["inputs"])
+  n = len(batch["example_ids"])
   if n % process_count:
     raise ValueError(f"global batch {n} is not divisible by the {process_count} hosts")
   per = n // process_count
   return {k: v[process_index * per:(process_index + 1) * per] for k, v in batch.items()}
 
 
-def synthetic_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 0):
-  """Uniform random tokens, one causal segment per row (benchmarks; no corpus, no TF)."""
+def synthetic_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 0,
+                    family: str = "decoder", target_len: int = 0):
+  """Uniform random tokens, one segment per row, in the batch layout of ``family`` (benchmarks;
+  no corpus, no TF). MLM rows carry loss weight at 15% of positions, T5 rows have
+  ``target_len`` (default seq_len / 4) decoder tokens."""
   rng = np.random.default_rng(seed)
-  tokens = rng.integers(3, vocab_size, size=(batch_size, seq_len + 1), dtype=np.int32)
-  return {
-      "inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-      "weights": np.ones((batch_size, seq_len), np.float32),
-      "prefix": np.zeros((batch_size, seq_len), np.int32),
-      "segment_ids": np.ones((batch_size, seq_len), np.int32),
-      "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch_size, seq_len)).copy(),
-      "example_ids": np.arange(batch_size, dtype=np.int64)[:, None],
-  }
+  tokens = lambda n: rng.integers(3, vocab_size, size=(batch_size, n), dtype=np.int32)
+  ones = lambda n: np.ones((batch_size, n), np.int32)
+  arange = lambda n: np.broadcast_to(np.arange(n, dtype=np.int32), (batch_size, n)).copy()
+  ids = {"example_ids": np.arange(batch_size, dtype=np.int64)[:, None]}
+  if family == "t5":
+    t = target_len or max(1, seq_len // 4)
+    targets = tokens(t)
+    return {"encoder_inputs": tokens(seq_len), "encoder_segment_ids": ones(seq_len),
+            "encoder_positions": arange(seq_len),
+            "decoder_inputs": np.concatenate([np.zeros((batch_size, 1), np.int32), targets[:, :-1]], 1),
+            "targets": targets, "weights": np.ones((batch_size, t), np.float32),
+            "decoder_segment_ids": ones(t), "decoder_positions": arange(t)} | ids
+  seq = tokens(seq_len + 1)
+  batch = {"inputs": seq[:, :-1], "targets": seq[:, 1:], "weights": np.ones((batch_size, seq_len), np.float32),
+           "prefix": np.zeros((batch_size, seq_len), np.int32), "segment_ids": ones(seq_len),
+           "positions": arange(seq_len)} | ids
+  if family == "bert":  # exactly round(15%) predicted positions per row, as the MLM objective makes
+    batch["targets"] = batch["inputs"]
+    picks = np.argsort(rng.random((batch_size, seq_len)), axis=1)[:, :max(1, round(0.15 * seq_len))]
+    batch["weights"] = np.zeros((batch_size, seq_len), np.float32)
+    np.put_along_axis(batch["weights"], picks, 1.0, axis=1)
+  return batch
 
 
 def build_stream(data_cfg, split: str, batch_size: int, seed: int, train: bool) -> PackedStream:
-  """The stream a config asks for. Only the built-in corpus is wired in the core."""
-  if data_cfg.source != "builtin":
-    raise ValueError(
-        f"data.source={data_cfg.source!r} is not available; the decoder core reads the built-in "
-        "corpus ('builtin'). Benchmarks use synthetic tokens (bench/bench_step.py).")
-  vocab = load_vocabulary(data_cfg.vocab_path)
+  """The stream a config asks for: the built-in corpus, or a prepared tfds corpus via seqio."""
+  vocab = load_vocabulary(data_cfg.vocab_path, data_cfg.extra_ids)
   denoisers = [objectives.Denoiser(**d) for d in data_cfg.denoisers] if data_cfg.denoisers else None
-  objective = objectives.build_objective(data_cfg.objective, vocab, denoisers)
-  examples = corpus.chunked_examples(split, data_cfg.vocab_path, data_cfg.seq_len)
-  return PackedStream(examples, objective, data_cfg.seq_len, batch_size, seed,
-                      shuffle=train, repeat=train)
+  objective = objectives.build_objective(data_cfg.objective, vocab, data_cfg, denoisers)
+  if data_cfg.source == "builtin":
+    examples = corpus.chunked_examples(split, data_cfg.vocab_path, objective.chunk_length)
+    source = ListSource(examples, seed, shuffle=train)
+  elif data_cfg.source == "synthetic":
+    raise ValueError("data.source='synthetic' has no stream; benchmarks make synthetic batches "
+                     "(bench/bench_step.py)")
+  else:
+    from raptr_jax.data import tfds_source  # pylint: disable=g-import-not-at-top  (TensorFlow)
+    source = tfds_source.CorpusSource(data_cfg, split, objective.chunk_length, seed, shuffle=train)
+  return PackedStream(source, objective, batch_size, seed, repeat=train)
 
 
 class Prefetcher:

@@ -1,17 +1,23 @@
 """Model families over one stacked-layer core.
 
-A family is its module class, its ``loss_fn(model, batch, selection, packed) -> (loss, aux)`` and
-its ``logits_fn`` (same arguments, fp32 logits; Sophia-G samples labels from them).
+A family is its module class, its ``loss_fn(model, batch, selection, packed) -> (loss, aux)``,
+its ``logits_fn`` (same arguments, fp32 logits; Sophia-G samples labels from them), the batch
+fields its step reads, the objectives it trains with, and how a method's per-stack
+``select(key, batch) -> Selection`` is applied to it (``wrap_select``).
+
+* ``decoder``: GPT / UL2 decoder-only LM (causal LM, UL2 prefix-LM denoisers).
+* ``bert``: encoder-only masked LM (BERT, crammed BERT).
+* ``t5``: encoder-decoder (T5 v1.1 span corruption).
 """
 import dataclasses
 from typing import Callable
 
 from flax import nnx
 
-from raptr_jax.models import decoder
+from raptr_jax.models import decoder, encdec, encoder
 from raptr_jax.models.config import ModelConfig, padded_vocab_size
-from raptr_jax.models.selection import LayerSelection, Selection, TokenSelection
-
+from raptr_jax.models.selection import (EncoderDecoderSelection, LayerSelection, Selection, TokenSelection,
+                                        for_stacks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,22 +25,39 @@ class Family:
   module: type
   loss_fn: Callable
   logits_fn: Callable
+  batch_fields: tuple[str, ...]
+  objectives: tuple[str, ...]
+  wrap_select: Callable = lambda select, model_cfg: select
 
 
-FAMILIES = {"decoder": Family(decoder.DecoderLM, decoder.loss_fn, decoder.logits_fn)}
+FAMILIES = {
+    "decoder": Family(decoder.DecoderLM, decoder.loss_fn, decoder.logits_fn, decoder.BATCH_FIELDS,
+                      ("ul2", "causal_lm")),
+    "bert": Family(encoder.EncoderMLM, encoder.loss_fn, encoder.logits_fn, encoder.BATCH_FIELDS, ("mlm",)),
+    "t5": Family(encdec.EncoderDecoderLM, encdec.loss_fn, encdec.logits_fn, encdec.BATCH_FIELDS,
+                 ("span_corruption",),
+                 wrap_select=lambda select, model_cfg: for_stacks(select, model_cfg.select_stacks)),
+}
 
 
-def model_config(model_cfg, vocab_size: int) -> ModelConfig:
-  """ModelConfig from the ``model`` section of a run config (vocab padded to a multiple of 128)."""
-  fields = {k: v for k, v in model_cfg.items() if k not in ("family", "vocab_size")}
-  return ModelConfig(vocab_size=padded_vocab_size(model_cfg.get("vocab_size") or vocab_size), **fields)
+def get_family(name: str) -> Family:
+  if name not in FAMILIES:
+    raise ValueError(f"unknown model.family {name!r}; available: {sorted(FAMILIES)}")
+  return FAMILIES[name]
+
+
+def model_config(model_cfg, vocab_size: int, **derived) -> ModelConfig:
+  """ModelConfig from the ``model`` section of a run config (vocab padded to a multiple of 128);
+  ``derived`` sets fields that follow from the data (e.g. ``max_predictions``)."""
+  skip = ("family", "vocab_size", "select_stacks")
+  fields = {k: v for k, v in model_cfg.items() if k not in skip}
+  return ModelConfig(vocab_size=padded_vocab_size(model_cfg.get("vocab_size") or vocab_size),
+                     **fields | derived)
 
 
 def build_model(family: str, cfg: ModelConfig, seed: int):
-  if family not in FAMILIES:
-    raise ValueError(f"unknown model.family {family!r}; available: {sorted(FAMILIES)}")
-  fam = FAMILIES[family]
+  fam = get_family(family)
   return fam.module(cfg, rngs=nnx.Rngs(params=seed)), fam.loss_fn
 
-__all__ = ["FAMILIES", "Family", "LayerSelection", "ModelConfig", "Selection", "TokenSelection", "build_model",
-           "model_config", "padded_vocab_size"]
+__all__ = ["FAMILIES", "EncoderDecoderSelection", "Family", "LayerSelection", "ModelConfig", "Selection",
+           "TokenSelection", "build_model", "for_stacks", "get_family", "model_config", "padded_vocab_size"]

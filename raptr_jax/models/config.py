@@ -23,8 +23,12 @@ class ModelConfig:
   mlp_dim: int
   gated_mlp: bool = True
   activation: str = "gelu"
-  position: str = "rotary"          # rotary | learned
+  position: str = "rotary"          # rotary | learned | relative (T5 buckets, shared per stack)
   max_len: int = 2048               # learned positions only
+  relative_buckets: int = 32        # relative positions only (T5 defaults)
+  relative_max_distance: int = 128
+  num_decoder_layers: int = 0       # encoder-decoder families: 0 means num_layers
+  max_predictions: int = 0          # MLM sparse prediction: head on this many positions per row
   tied_embeddings: bool = False
   dtype: str = "bfloat16"           # compute dtype; params are kept in param_dtype
   param_dtype: str = "float32"
@@ -38,8 +42,10 @@ class ModelConfig:
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "head_dim", "mlp_dim"):
       if getattr(self, name) <= 0:
         raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
-    if self.position not in ("rotary", "learned"):
-      raise ValueError(f"model.position must be 'rotary' or 'learned', got {self.position!r}")
+    if self.position not in ("rotary", "learned", "relative"):
+      raise ValueError(f"model.position must be 'rotary', 'learned' or 'relative', got {self.position!r}")
+    if self.num_decoder_layers < 0 or self.max_predictions < 0:
+      raise ValueError("model.num_decoder_layers and max_predictions must be >= 0")
     if self.position == "rotary" and self.head_dim % 2:
       raise ValueError(f"rotary positions need an even model.head_dim, got {self.head_dim}")
     if self.activation not in ("gelu", "silu", "relu"):
@@ -51,6 +57,10 @@ class ModelConfig:
       raise ValueError(f"model.remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
     if self.attention_impl not in (None, "xla", "cudnn"):
       raise ValueError(f"model.attention_impl must be None, 'xla' or 'cudnn', got {self.attention_impl!r}")
+
+  @property
+  def decoder_layers(self) -> int:
+    return self.num_decoder_layers or self.num_layers
 
   @property
   def compute_dtype(self):

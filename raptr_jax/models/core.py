@@ -2,7 +2,10 @@
 
 Every parameter has a leading layer axis and a ``logical_axes`` annotation (``sharding.py`` maps
 those names to mesh axes). A ``Selection`` (selection.py) gathers a subset of layers and/or
-tokens; without one, the full stack runs.
+tokens; without one, the full stack runs. The same core is the decoder-only stack (causal), the
+BERT / T5 encoder stack (bidirectional) and the T5 decoder stack (causal, with cross-attention
+to the encoder output); T5's relative-position bias table is shared by the layers of a stack,
+as in T5, so it is passed in rather than stacked.
 """
 import functools
 
@@ -23,20 +26,21 @@ def logical_param(key, shape, axes, std, dtype):
 class StackedLayers(nnx.Module):
   """L transformer blocks; parameters have shape [L, ...]."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, causal: bool = True,
+               cross_attention: bool = False, num_layers: int | None = None):
     self.cfg = cfg
-    L, d, n, h, f = cfg.num_layers, cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.mlp_dim
+    self.causal = causal
+    self.num_layers = L = num_layers or cfg.num_layers
+    d, n, h, f = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.mlp_dim
     std, out_std = cfg.init_std, cfg.init_std / (2 * L) ** 0.5
-    specs = {
-        "attn_norm": ((L, d), ("layers", "norm"), 0.0),
-        "q": ((L, d, n, h), ("layers", "embed", "heads", "head_dim"), std),
-        "k": ((L, d, n, h), ("layers", "embed", "heads", "head_dim"), std),
-        "v": ((L, d, n, h), ("layers", "embed", "heads", "head_dim"), std),
-        "o": ((L, n, h, d), ("layers", "heads", "head_dim", "embed"), out_std),
-        "mlp_norm": ((L, d), ("layers", "norm"), 0.0),
-        "wi": ((L, d, f), ("layers", "embed", "mlp"), std),
-        "wo": ((L, f, d), ("layers", "mlp", "embed"), out_std),
-    }
+    qkv = ((L, d, n, h), ("layers", "embed", "heads", "head_dim"), std)
+    out = ((L, n, h, d), ("layers", "heads", "head_dim", "embed"), out_std)
+    norm = ((L, d), ("layers", "norm"), 0.0)
+    specs = {"attn_norm": norm, "q": qkv, "k": qkv, "v": qkv, "o": out}
+    if cross_attention:
+      specs |= {"cross_norm": norm, "cross_q": qkv, "cross_k": qkv, "cross_v": qkv, "cross_o": out}
+    specs |= {"mlp_norm": norm, "wi": ((L, d, f), ("layers", "embed", "mlp"), std),
+              "wo": ((L, f, d), ("layers", "mlp", "embed"), out_std)}
     if cfg.gated_mlp:
       specs["wg"] = ((L, d, f), ("layers", "embed", "mlp"), std)
     self.param_names = tuple(specs)
@@ -46,27 +50,45 @@ class StackedLayers(nnx.Module):
   def stacked(self) -> dict[str, jax.Array]:
     return {name: getattr(self, name).value for name in self.param_names}
 
-  def __call__(self, x, positions, segment_ids=None, prefix=None, selection: Selection | None = None):
-    """x [B, T, d] -> [B, T, d]. ``segment_ids`` None means one causal sequence per row."""
+  def __call__(self, x, positions, segment_ids=None, prefix=None, selection: Selection | None = None,
+               *, relative_table=None, context=None, context_segment_ids=None):
+    """x [B, T, d] -> [B, T, d]. ``segment_ids`` None means one sequence per row, no padding.
+
+    ``relative_table`` [buckets, N]: T5 relative-position bias; ``context`` [B, S, d] with
+    ``context_segment_ids`` [B, S]: the encoder output this (decoder) stack cross-attends to."""
     params = self.stacked()
     layer_sel = selection.layers if selection is not None else None
     token_sel = selection.tokens if selection is not None else None
     if layer_sel is None:
-      layer_sel = LayerSelection.full(self.cfg.num_layers)
+      layer_sel = LayerSelection.full(self.num_layers)
     else:
       params = jax.tree.map(lambda p: jnp.take(p, layer_sel.indices, axis=0), params)
     scales = layer_sel.scales
-    mask = None if segment_ids is None else layers.attention_mask(segment_ids, prefix)
+    rows = jnp.arange(x.shape[1])[None]
+    attend = self._attend(positions, segment_ids, prefix, rows, relative_table, context,
+                          context_segment_ids)
     if token_sel is None:
-      return self._scan(params, scales, x, positions, mask)
+      return self._scan(params, scales, x, attend)
     a, b = token_sel.start, token_sel.start + token_sel.num_layers
     k = scales.shape[0]
     if not 0 <= a < b <= k:
       raise ValueError(f"token selection covers selected layers [{a}, {b}) of {k}")
     part = lambda lo, hi: jax.tree.map(lambda p: p[lo:hi], params)
-    x = self._scan(part(0, a), scales[:a], x, positions, mask)
-    x = self._scan_dropped(part(a, b), scales[a:b], token_sel, x, positions, segment_ids, prefix)
-    return self._scan(part(b, k), scales[b:], x, positions, mask)
+    x = self._scan(part(0, a), scales[:a], x, attend)
+    x = self._scan_dropped(part(a, b), scales[a:b], token_sel, x, positions, segment_ids, prefix,
+                           relative_table, context, context_segment_ids)
+    return self._scan(part(b, k), scales[b:], x, attend)
+
+  def _attend(self, positions, segment_ids, prefix, rows, relative_table, context, context_segment_ids):
+    cfg = self.cfg
+    mask = None if segment_ids is None else layers.attention_mask(segment_ids, prefix, self.causal)
+    bias = None
+    if relative_table is not None:
+      bias = layers.relative_bias(relative_table, rows, rows, not self.causal, cfg.relative_max_distance)
+    context_mask = None
+    if context is not None and segment_ids is not None:
+      context_mask = layers.cross_attention_mask(segment_ids, context_segment_ids)
+    return layers.AttentionInputs(positions, mask, bias, context, context_mask, self.causal)
 
   def _body(self):
     body = functools.partial(layers.block, cfg=self.cfg)
@@ -75,14 +97,14 @@ class StackedLayers(nnx.Module):
       body = jax.checkpoint(body, policy=policy, prevent_cse=not self.cfg.scan_layers)
     return body
 
-  def _scan(self, params, scales, x, positions, mask):
+  def _scan(self, params, scales, x, attend):
     if scales.shape[0] == 0:
       return x
     body = self._body()
 
     def step(h, layer):
       p, s = layer
-      return body(p, h, positions, mask, s), None
+      return body(p, h, attend.positions, attend.mask, s, attend=attend), None
 
     if self.cfg.scan_layers:
       return jax.lax.scan(step, x, (params, scales))[0]
@@ -90,19 +112,23 @@ class StackedLayers(nnx.Module):
       x = step(x, jax.tree.map(lambda a: a[i], (params, scales)))[0]
     return x
 
-  def _scan_dropped(self, params, scales, token_sel: TokenSelection, x, positions, segment_ids, prefix):
+  def _scan_dropped(self, params, scales, token_sel: TokenSelection, x, positions, segment_ids,
+                    prefix, relative_table, context, context_segment_ids):
     """Layers that see only the selected tokens of each example; the rest pass through."""
     body = self._body()
     if segment_ids is None:
       segment_ids = jnp.ones(x.shape[:2], jnp.int32)
+      if context is not None and context_segment_ids is None:
+        context_segment_ids = jnp.ones(context.shape[:2], jnp.int32)
     gather = jax.vmap(lambda a, i: jnp.take(a, i, axis=0))
     scatter = jax.vmap(lambda a, i, u: a.at[i].set(u))
 
     def step(h, layer):
       p, s, idx = layer
-      seg = gather(segment_ids, idx)
       pre = None if prefix is None else gather(prefix, idx)
-      out = body(p, gather(h, idx), gather(positions, idx), layers.attention_mask(seg, pre), s)
+      attend = self._attend(gather(positions, idx), gather(segment_ids, idx), pre, idx,
+                            relative_table, context, context_segment_ids)
+      out = body(p, gather(h, idx), attend.positions, attend.mask, s, attend=attend)
       return scatter(h, idx, out), None
 
     return jax.lax.scan(step, x, (params, scales, token_sel.indices))[0]

@@ -1,9 +1,12 @@
-"""Pure layer functions of the transformer core (pre-LN block, RMSNorm, RoPE, attention, MLP).
+"""Pure layer functions of the transformer core (pre-LN block, RMSNorm, RoPE, T5 relative
+position buckets, self- and cross-attention, MLP).
 
 Parameters arrive as one layer's slice of the stacked pytree; compute runs in ``dtype`` (bf16 by
 default) with fp32 normalisation statistics; attention is ``jax.nn.dot_product_attention`` (the
 cuDNN flash kernel on GPU when the mask allows it).
 """
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -24,15 +27,54 @@ def rotary(x, positions, base: float = 10000.0):
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def attention_mask(segment_ids, prefix):
+def relative_position_bucket(relative_position, bidirectional: bool, num_buckets: int = 32,
+                             max_distance: int = 128):
+  """T5's bucket of ``key_position - query_position``: exact for small distances, then
+  logarithmic up to ``max_distance``; the bidirectional form spends half the buckets on each
+  direction, the causal form only looks back."""
+  n = -relative_position
+  ret = 0
+  if bidirectional:
+    num_buckets //= 2
+    ret = (n < 0).astype(jnp.int32) * num_buckets
+    n = jnp.abs(n)
+  else:
+    n = jnp.maximum(n, 0)
+  max_exact = num_buckets // 2
+  is_small = n < max_exact
+  large = max_exact + (jnp.log(jnp.maximum(n, 1).astype(jnp.float32) / max_exact)
+                       / jnp.log(max_distance / max_exact) * (num_buckets - max_exact)).astype(jnp.int32)
+  large = jnp.minimum(large, num_buckets - 1)
+  return ret + jnp.where(is_small, n, large)
+
+
+def relative_bias(table, q_index, k_index, bidirectional: bool, max_distance: int):
+  """Attention bias [B, N, Tq, Tk] from a [buckets, N] table at row indices [B, Tq], [B, Tk].
+
+  Relative distances within a packed segment do not depend on where the segment starts in its
+  row, so row indices (not per-segment positions) give T5's bias for packed rows too."""
+  rel = k_index[:, None, :] - q_index[:, :, None]
+  buckets = relative_position_bucket(rel, bidirectional, table.shape[0], max_distance)
+  return jnp.transpose(jnp.take(table, buckets, axis=0), (0, 3, 1, 2))
+
+
+def attention_mask(segment_ids, prefix=None, causal: bool = True):
   """[B, 1, T, T] bool: same non-padding segment, and causal or both in the bidirectional prefix."""
   t = segment_ids.shape[-1]
   same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0)
-  causal = jnp.tril(jnp.ones((t, t), bool))[None]
+  if not causal:
+    return same[:, None]
+  causal_mask = jnp.tril(jnp.ones((t, t), bool))[None]
   if prefix is not None:
     bidir = (prefix[:, :, None] > 0) & (prefix[:, None, :] > 0)
-    causal = causal | bidir
-  return (same & causal)[:, None]
+    causal_mask = causal_mask | bidir
+  return (same & causal_mask)[:, None]
+
+
+def cross_attention_mask(q_segment_ids, kv_segment_ids):
+  """[B, 1, Tq, Tk] bool: a target token attends to the inputs of its own packed example."""
+  same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+  return (same & (kv_segment_ids[:, None, :] > 0))[:, None]
 
 
 def attention_backend(cfg, dtype):
@@ -47,17 +89,38 @@ def attention_backend(cfg, dtype):
   return "xla"
 
 
-def attention(p, x, positions, mask, cfg):
-  """Multi-head self-attention; ``mask`` None means plain causal (the flash-attention path)."""
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AttentionInputs:
+  """What every layer of a stack attends with, besides its own activations.
+
+  ``mask`` None means no masking beyond ``causal`` (the flash-attention fast path); ``bias`` is
+  T5's relative-position bias [B|1, N, T, T]; ``context`` [B, S, d] and ``context_mask``
+  [B, 1, T, S] are the encoder output a decoder stack cross-attends to.
+  """
+  positions: jax.Array
+  mask: jax.Array | None = None
+  bias: jax.Array | None = None
+  context: jax.Array | None = None
+  context_mask: jax.Array | None = None
+  causal: bool = dataclasses.field(default=True, metadata=dict(static=True))
+
+
+def attention(p, x, kv, positions, mask, cfg, *, causal=True, bias=None, prefix=""):
+  """Multi-head attention of queries from ``x`` over ``kv`` (self-attention when they are the
+  same array); parameters ``{prefix}q``, ``k``, ``v``, ``o``; rotary only in self-attention."""
   dt = cfg.dtype
-  q = jnp.einsum("btd,dnh->btnh", x, p["q"].astype(dt))
-  k = jnp.einsum("btd,dnh->btnh", x, p["k"].astype(dt))
-  v = jnp.einsum("btd,dnh->btnh", x, p["v"].astype(dt))
-  if cfg.position == "rotary":
+  q = jnp.einsum("btd,dnh->btnh", x, p[prefix + "q"].astype(dt))
+  k = jnp.einsum("bsd,dnh->bsnh", kv, p[prefix + "k"].astype(dt))
+  v = jnp.einsum("bsd,dnh->bsnh", kv, p[prefix + "v"].astype(dt))
+  if cfg.position == "rotary" and not prefix:
     q, k = rotary(q, positions), rotary(k, positions)
+  if bias is not None:
+    bias = bias.astype(q.dtype)
   out = jax.nn.dot_product_attention(
-      q, k, v, mask=mask, is_causal=mask is None, implementation=attention_backend(cfg, q.dtype))
-  return jnp.einsum("btnh,nhd->btd", out, p["o"].astype(dt))
+      q, k, v, bias=bias, mask=mask, is_causal=causal and mask is None,
+      implementation=attention_backend(cfg, q.dtype))
+  return jnp.einsum("btnh,nhd->btd", out, p[prefix + "o"].astype(dt))
 
 
 def mlp(p, x, cfg):
@@ -69,9 +132,20 @@ def mlp(p, x, cfg):
   return jnp.einsum("btf,fd->btd", h, p["wo"].astype(dt))
 
 
-def block(p, x, positions, mask, scale, cfg):
-  """Pre-LN transformer block; both residual branches are multiplied by ``scale``."""
+def block(p, x, positions, mask, scale, cfg, attend: AttentionInputs | None = None):
+  """Pre-LN transformer block; every residual branch is multiplied by ``scale``.
+
+  ``attend`` (when given) supplies the mask, relative bias, causality and cross-attention
+  context; ``positions``/``mask`` alone describe a causal decoder block."""
+  if attend is None:
+    attend = AttentionInputs(positions, mask)
   scale = scale.astype(x.dtype)
-  x = x + scale * attention(p, rms_norm(x, p["attn_norm"], cfg.norm_eps), positions, mask, cfg)
+  h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
+  x = x + scale * attention(p, h, h, attend.positions, attend.mask, cfg, causal=attend.causal,
+                            bias=attend.bias)
+  if attend.context is not None:
+    h = rms_norm(x, p["cross_norm"], cfg.norm_eps)
+    x = x + scale * attention(p, h, attend.context, attend.positions, attend.context_mask, cfg,
+                              causal=False, prefix="cross_")
   x = x + scale * mlp(p, rms_norm(x, p["mlp_norm"], cfg.norm_eps), cfg)
   return x

@@ -11,6 +11,11 @@ dropping starts) fix the compiled shape, so one compile serves a whole stage.
 * ``TokenSelection``: for ``num_layers`` consecutive selected layers starting at selected-layer
   position ``start``, each example keeps ``r`` of its S positions (``indices`` [num_layers, B, r],
   sorted so causal and prefix masks stay valid); dropped positions pass through unchanged.
+* ``EncoderDecoderSelection``: one ``Selection`` per stack of an encoder-decoder model (either
+  may be None: that stack runs in full), so a method can act on the encoder, the decoder or both.
+
+``layer_selections()`` names the stacked parameter collection each layer selection indexes
+(``layers``; ``encoder_layers`` / ``decoder_layers``), which is what optimizer freezing keys on.
 """
 import dataclasses
 
@@ -45,3 +50,39 @@ class TokenSelection:
 class Selection:
   layers: LayerSelection | None = None
   tokens: TokenSelection | None = None
+
+  def layer_selections(self, prefix: str = "") -> dict[str, LayerSelection]:
+    return {} if self.layers is None else {prefix + "layers": self.layers}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class EncoderDecoderSelection:
+  encoder: Selection | None = None
+  decoder: Selection | None = None
+
+  def layer_selections(self) -> dict[str, LayerSelection]:
+    out = {}
+    for name in ("encoder", "decoder"):
+      sel = getattr(self, name)
+      if sel is not None:
+        out |= sel.layer_selections(name + "_")
+    return out
+
+
+STACK_CHOICES = ("encoder", "decoder", "both")
+
+
+def for_stacks(select, stacks: str = "both"):
+  """Turns a method's ``select(key, batch) -> Selection`` into one for an encoder-decoder model
+  acting on ``stacks`` ("encoder", "decoder" or "both": independent draws per stack)."""
+  if stacks not in STACK_CHOICES:
+    raise ValueError(f"model.select_stacks must be one of {STACK_CHOICES}, got {stacks!r}")
+
+  def select_both(key, batch):
+    enc_key, dec_key = jax.random.split(key)
+    return EncoderDecoderSelection(
+        encoder=select(enc_key, batch) if stacks in ("encoder", "both") else None,
+        decoder=select(dec_key, batch) if stacks in ("decoder", "both") else None)
+
+  return select_both

@@ -46,8 +46,20 @@ def freeze_inactive(inner: optax.GradientTransformation) -> optax.GradientTransf
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def layer_activity(params, layer_indices, num_layers: int, stacked_key: str = "layers"):
-  """Activity pytree for a layer selection: stacked-layer leaves get a [L] mask, others True."""
-  mask = jnp.zeros((num_layers,), bool).at[layer_indices].set(True)
-  return {k: (jax.tree.map(lambda _: mask, v) if k == stacked_key else jax.tree.map(lambda _: True, v))
-          for k, v in params.items()}
+def layer_activity(params, layer_indices, num_layers: int | None = None, stacked_key: str = "layers"):
+  """Activity pytree for layer selections: the leaves of each selected stack get a [L] mask
+  (True at the selected layers), every other leaf True.
+
+  ``layer_indices``: the indices into ``params[stacked_key]``, or a mapping
+  ``{stacked_key: indices}`` for models with several stacks (encoder-decoder)."""
+  if not isinstance(layer_indices, dict):
+    layer_indices = {stacked_key: layer_indices}
+  out = {}
+  for key, value in params.items():
+    if key in layer_indices:
+      L = num_layers or jax.tree.leaves(value)[0].shape[0]
+      mask = jnp.zeros((L,), bool).at[layer_indices[key]].set(True)
+      out[key] = jax.tree.map(lambda _, m=mask: m, value)
+    else:
+      out[key] = jax.tree.map(lambda _: True, value)
+  return out

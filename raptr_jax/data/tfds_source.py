@@ -1,0 +1,164 @@
+"""Real corpora through seqio and tensorflow-datasets: C4, Wikipedia + BookCorpus, MiniPile.
+
+Each corpus is one or more seqio Tasks over prepared tfds datasets, read from
+``data.tfds_data_dir`` (a local path or gs://). The Tasks read *read-only*: a dataset that is
+not prepared fails at once with a message naming the dataset, the directory and how to prepare
+it, never with a download attempt. Each Task keeps the text, gives it a stable id (a 48-bit
+farmhash of the text, so the same document has the same id after any shuffling, packing or
+resumption) and tokenizes it with the run's SentencePiece vocabulary. Documents are then cut into
+chunks of the objective's raw length in Python; a chunk's id is ``doc_hash * 4096 + chunk``.
+
+Order and resumption: epoch ``e`` of a Task is read with tfds file shuffling and seqio's shuffle
+buffer seeded by ``(seed, e)``; a multi-Task corpus interleaves its Tasks by a seeded draw with
+the configured rates. Resuming at position ``k`` of an epoch re-reads and skips the first ``k``
+documents (exact, and costs reading them once). This module imports TensorFlow; nothing else in
+raptr_jax does at import time.
+"""
+import dataclasses
+import hashlib
+from typing import Iterator
+
+import numpy as np
+
+from raptr_jax.data import corpus
+from raptr_jax.data.vocab import BUILTIN_MODEL
+
+MAX_CHUNKS_PER_DOC = corpus.MAX_CHUNKS_PER_DOC
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+  tfds_name: str
+  text_key: str = "text"
+  rate: float = 1.0
+  splits: tuple = (("train", "train"), ("validation", "validation"))  # ours -> tfds split
+
+
+CORPORA = {
+    "c4": (Part("c4/en:3.1.0"),),
+    # Wikipedia has only a train split: its last 0.5% is our validation split.
+    "wikipedia_books": (
+        Part("wikipedia/20230601.en:1.0.0", rate=0.5,
+             splits=(("train", "train[:99.5%]"), ("validation", "train[99.5%:]"))),
+        Part("bookcorpus", rate=0.5, splits=(("train", "train[:99.5%]"), ("validation", "train[99.5%:]")))),
+    "minipile": (Part("minipile"),),
+}
+
+HOW_TO_PREPARE = {
+    "c4": "tfds build c4/en:3.1.0 --data_dir=DIR (it needs the Common Crawl WET files; see "
+          "https://www.tensorflow.org/datasets/catalog/c4), or copy a prepared c4/en/3.1.0 there "
+          "(e.g. `gsutil -m cp -r gs://<bucket>/c4/en/3.1.0 DIR/c4/en/`)",
+    "wikipedia_books": "tfds build wikipedia/20230601.en --data_dir=DIR, and a tfds dataset named "
+                       "'bookcorpus' with a 'text' feature (e.g. written from the Hugging Face copy "
+                       "with tfds.dataset_builders.store_as_tfds_dataset)",
+    "minipile": "a tfds dataset named 'minipile' with a 'text' feature and train/validation splits "
+                "(e.g. `tfds build --datasets=huggingface:jeankaddour__minipile` renamed, or "
+                "tfds.dataset_builders.store_as_tfds_dataset of the Hugging Face copy)",
+}
+
+
+def corpus_parts(data_cfg) -> tuple[Part, ...]:
+  if data_cfg.source not in CORPORA:
+    raise ValueError(f"data.source={data_cfg.source!r} is not a known corpus; use one of "
+                     f"{sorted(CORPORA)} or 'builtin'")
+  parts = CORPORA[data_cfg.source]
+  names = tuple(data_cfg.tfds_names or ())
+  if names:
+    if len(names) != len(parts):
+      raise ValueError(f"data.tfds_names gives {len(names)} names but {data_cfg.source} has "
+                       f"{len(parts)} parts ({[p.tfds_name for p in parts]})")
+    parts = tuple(dataclasses.replace(p, tfds_name=n) for p, n in zip(parts, names))
+  return parts
+
+
+def _task_name(source: str, part: Part, data_dir: str, vocab_path: str, extra_ids: int) -> str:
+  key = hashlib.sha1(repr((part, data_dir, vocab_path, extra_ids)).encode()).hexdigest()[:10]
+  return f"raptr_{source}_{part.tfds_name.split('/')[0].replace(':', '_')}_{key}"
+
+
+def register_task(source: str, part: Part, data_dir: str, vocab_path: str = "", extra_ids: int = 100) -> str:
+  """Registers (once) and returns the name of the seqio Task reading ``part``."""
+  import seqio  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  name = _task_name(source, part, data_dir, vocab_path, extra_ids)
+  if name in seqio.TaskRegistry.names():
+    return name
+
+  def text_and_id(ds):
+    def fn(ex):
+      text = ex[part.text_key]
+      return {"targets": text, "doc_hash": tf.strings.to_hash_bucket_fast(text, 1 << 48)}
+    return ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
+
+  vocab = seqio.SentencePieceVocabulary(vocab_path or BUILTIN_MODEL, extra_ids=extra_ids)
+  seqio.TaskRegistry.add(
+      name,
+      source=seqio.TfdsDataSource(tfds_name=part.tfds_name, tfds_data_dir=data_dir or None,
+                                  splits=dict(part.splits), read_only=True),
+      preprocessors=[text_and_id, seqio.preprocessors.tokenize],
+      output_features={"targets": seqio.Feature(vocab, add_eos=False, dtype=tf.int32)})
+  return name
+
+
+class CorpusSource:
+  """``iterate(epoch, start)`` over the (id, tokens) chunks of a tfds corpus (see module doc)."""
+
+  def __init__(self, data_cfg, split: str, chunk_length: int, seed: int, shuffle: bool):
+    import seqio  # pylint: disable=g-import-not-at-top
+    self.source, self.split, self.chunk_length = data_cfg.source, split, chunk_length
+    self.seed, self.shuffle = seed, shuffle
+    self.parts = corpus_parts(data_cfg)
+    data_dir = data_cfg.tfds_data_dir
+    self.tasks = [seqio.get_mixture_or_task(register_task(self.source, p, data_dir, data_cfg.vocab_path,
+                                                          data_cfg.extra_ids)) for p in self.parts]
+    rates = np.asarray([p.rate for p in self.parts], np.float64)
+    self.probs = rates / rates.sum()
+    for part, task in zip(self.parts, self.tasks):
+      _check_prepared(self.source, part, task, split, data_dir)
+
+  def _documents(self, task, epoch: int, part_index: int) -> Iterator[tuple[int, np.ndarray]]:
+    ds = task.get_dataset(sequence_length=None, split=self.split, shuffle=self.shuffle,
+                          seed=int(np.random.default_rng([self.seed, epoch, part_index]).integers(1 << 31)),
+                          num_epochs=1, use_cached=False, try_in_mem_cache=False)
+    for ex in ds.as_numpy_iterator():
+      yield int(ex["doc_hash"]), np.asarray(ex["targets"], np.int32)
+
+  def _chunks(self, documents):
+    for doc_hash, tokens in documents:
+      for c, start in enumerate(range(0, len(tokens), self.chunk_length)):
+        chunk = tokens[start:start + self.chunk_length]
+        if len(chunk) >= corpus.MIN_CHUNK_TOKENS and c < MAX_CHUNKS_PER_DOC:
+          yield doc_hash * MAX_CHUNKS_PER_DOC + c, chunk
+
+  def iterate(self, epoch: int, start: int) -> Iterator[tuple[int, np.ndarray]]:
+    streams = [self._chunks(self._documents(t, epoch, i)) for i, t in enumerate(self.tasks)]
+    if len(streams) == 1:
+      pick = lambda: 0
+    else:
+      draws = np.random.default_rng([self.seed, epoch, 0x313])
+      pick = lambda: int(draws.choice(len(streams), p=self.probs))
+    position, live = 0, set(range(len(streams)))
+    while live:
+      i = pick()
+      if i not in live:
+        continue
+      item = next(streams[i], None)
+      if item is None:  # an epoch ends when any part runs out, so the rates hold throughout
+        return
+      if position >= start:
+        yield item
+      position += 1
+
+
+def _check_prepared(source, part: Part, task, split: str, data_dir: str) -> None:
+  """Fails within seconds, naming the dataset, the directory and how to prepare it."""
+  try:
+    task.source.get_dataset(split=split, shuffle=False)
+  except Exception as e:  # pylint: disable=broad-except  (tfds raises several kinds)
+    where = data_dir or "the default ~/tensorflow_datasets"
+    raise FileNotFoundError(
+        f"data.source={source!r}: the tfds dataset {part.tfds_name!r} (split {split!r}) is not "
+        f"prepared in data.tfds_data_dir={where!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+        f"Prepare it once: {HOW_TO_PREPARE[source].replace('DIR', data_dir or '~/tensorflow_datasets')}; "
+        "then set data.tfds_data_dir to that directory (local or gs://). "
+        "The built-in corpus needs nothing: data.source='builtin'.") from None

@@ -1,0 +1,64 @@
+"""Token/position embeddings, the output head and the token loss, shared by every family."""
+import jax
+import jax.numpy as jnp
+
+from raptr_jax.models import layers
+from raptr_jax.models.config import ModelConfig
+from raptr_jax.models.core import logical_param
+
+
+def init_embeddings(module, cfg: ModelConfig, rngs, learned_positions: bool | None = None):
+  """Adds ``embedding`` [V, d], ``pos_embedding`` [max_len, d] (learned positions) and an untied
+  ``head`` [d, V] to ``module``."""
+  pd = cfg.params_dtype
+  module.embedding = logical_param(rngs.params(), (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
+                                   cfg.init_std, pd)
+  if cfg.position == "learned" if learned_positions is None else learned_positions:
+    module.pos_embedding = logical_param(rngs.params(), (cfg.max_len, cfg.d_model), ("length", "embed"),
+                                         cfg.init_std, pd)
+  if not cfg.tied_embeddings:
+    module.head = logical_param(rngs.params(), (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
+                                cfg.init_std, pd)
+
+
+def norm_param(rngs, cfg: ModelConfig):
+  return logical_param(rngs.params(), (cfg.d_model,), ("norm",), 0.0, cfg.params_dtype)
+
+
+def relative_table(rngs, cfg: ModelConfig):
+  """T5's relative-position bias table of one stack, [buckets, heads]."""
+  return logical_param(rngs.params(), (cfg.relative_buckets, cfg.num_heads), ("relpos_buckets", "heads"),
+                       cfg.init_std, cfg.params_dtype)
+
+
+def default_positions(inputs, positions):
+  return jnp.broadcast_to(jnp.arange(inputs.shape[1]), inputs.shape) if positions is None else positions
+
+
+def embed(module, inputs, positions):
+  """Token ids [B, T] -> [B, T, d] in the compute dtype (plus learned positions if present)."""
+  dt = module.cfg.compute_dtype
+  x = jnp.take(module.embedding.value, inputs, axis=0).astype(dt)
+  if hasattr(module, "pos_embedding"):
+    x = x + jnp.take(module.pos_embedding.value, positions, axis=0).astype(dt)
+  return x
+
+
+def output_logits(module, x, norm):
+  """Final RMSNorm and the (tied or untied) head: [B, T, d] -> fp32 logits [B, T, V]."""
+  cfg, dt = module.cfg, module.cfg.compute_dtype
+  x = layers.rms_norm(x, norm.value, cfg.norm_eps)
+  w = module.embedding.value.astype(dt).T if cfg.tied_embeddings else module.head.value.astype(dt)
+  return jnp.einsum("btd,dv->btv", x, w, preferred_element_type=jnp.float32)
+
+
+def cross_entropy(logits, targets, weights):
+  """Sum of weighted token losses and the weight total (fp32)."""
+  logz = jax.nn.logsumexp(logits, axis=-1)
+  gold = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return jnp.sum((logz - gold) * weights), jnp.sum(weights)
+
+
+def mean_loss(total, count):
+  loss = total / jnp.maximum(count, 1.0)
+  return loss, {"loss_sum": total, "loss_tokens": count}

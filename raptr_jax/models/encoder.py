@@ -1,0 +1,66 @@
+"""Encoder-only masked language model (BERT; crammed BERT of Geiping & Goldstein, 2022).
+
+Bidirectional attention within each packed example (padding and other examples masked out), the
+stacked core, a final RMSNorm and the head (tied to the token embedding by default, as BERT).
+The loss is cross-entropy at the masked positions only (``weights`` > 0). With
+``model.max_predictions`` = P > 0 the head runs on just the first P masked positions of each row
+("sparse prediction", crammed BERT section 4.2), a static shape; the data pipeline closes a
+packed row before it would hold more than P masked tokens, so no prediction is ever dropped.
+"""
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from raptr_jax.models import embeddings
+from raptr_jax.models.config import ModelConfig
+from raptr_jax.models.core import StackedLayers
+from raptr_jax.models.selection import Selection
+
+BATCH_FIELDS = ("inputs", "targets", "weights", "segment_ids", "positions")
+
+
+class EncoderMLM(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    embeddings.init_embeddings(self, cfg, rngs)
+    self.layers = StackedLayers(cfg, rngs=rngs, causal=False)
+    self.final_norm = embeddings.norm_param(rngs, cfg)
+
+  def encode(self, inputs, positions=None, segment_ids=None, selection: Selection | None = None):
+    """Token ids [B, T] -> final hidden states [B, T, d] (before the final norm)."""
+    positions = embeddings.default_positions(inputs, positions)
+    x = embeddings.embed(self, inputs, positions)
+    return self.layers(x, positions, segment_ids, None, selection)
+
+  def __call__(self, inputs, positions=None, segment_ids=None, selection: Selection | None = None):
+    """Token ids [B, T] -> fp32 logits [B, T, V] at every position."""
+    return embeddings.output_logits(self, self.encode(inputs, positions, segment_ids, selection),
+                                    self.final_norm)
+
+
+def prediction_positions(weights, max_predictions: int):
+  """[B, P] indices of the first P positions with weight > 0 in each row (then weight-0 ones)."""
+  order = jnp.argsort(weights <= 0, axis=1, stable=True)
+  return order[:, :max_predictions]
+
+
+def logits_fn(model: EncoderMLM, batch, selection: Selection | None = None, packed: bool = True):
+  return model(batch["inputs"], batch["positions"], batch["segment_ids"] if packed else None, selection)
+
+
+def loss_fn(model: EncoderMLM, batch, selection: Selection | None = None, packed: bool = True):
+  """Mean loss over the masked positions of a batch."""
+  p = model.cfg.max_predictions
+  if not p:
+    logits = logits_fn(model, batch, selection, packed)
+    return embeddings.mean_loss(*embeddings.cross_entropy(logits, batch["targets"], batch["weights"]))
+  x = model.encode(batch["inputs"], batch["positions"], batch["segment_ids"] if packed else None, selection)
+  idx = prediction_positions(batch["weights"], p)
+  take = jax.vmap(lambda a, i: jnp.take(a, i, axis=0))
+  logits = embeddings.output_logits(model, take(x, idx), model.final_norm)
+  total, count = embeddings.cross_entropy(logits, take(batch["targets"], idx), take(batch["weights"], idx))
+  loss, aux = embeddings.mean_loss(total, count)
+  # Masked positions beyond P would be silently left out: count them (0 unless the data is wrong).
+  aux["mlm/unpredicted"] = jnp.sum(batch["weights"] > 0) - jnp.sum(take(batch["weights"], idx) > 0)
+  return loss, aux

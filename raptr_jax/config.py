@@ -54,6 +54,19 @@ def base_config() -> ml_collections.ConfigDict:
       hessian_interval=10, hessian_grad_clip=1.0,
       rms_scaling=False, rms_min_scale=1e-3,  # lr x max(min_scale, RMS(param)) (T5 runs of NTNG)
       freeze_inactive=False)     # True: params a step leaves out keep params and moments
+  c.method = dict(
+      name="baseline",           # baseline | raptr
+      raptr=dict(                # methods/raptr.py (RaPTr, Algorithm 1 and Appendices E, G, J)
+          schedule="",           # paper notation, e.g. "6-8-10-12"; "" = L/2, +L/6, 4 stages
+          stages=(),             # explicit ((p, (fixed layers), budget fraction), ...) instead
+          lengths="equal",       # equal | proportional (Appendix E)
+          target_average=0.0,    # > 0: adjust lengths to this average subnetwork length
+          initial_full=0.0,      # budget fraction of full-model training before the schedule
+          fixed=(0, -1),         # I: layers always kept (default first and last)
+          selection="fixed_count",  # fixed_count | grouped | bernoulli
+          group=1,               # grouped selection: consecutive layers drawn together
+          scaling="sqrt",        # sqrt (h_sqrt) | none | inverse_p
+          lr="run"))             # run: schedule.* as set; paper: constant, decay in last stage
   c.schedule = dict(name="cosine", peak=1e-3, warmup=0.05, final=0.1)
   c.eval = dict(every=0.25, batches=8, at_start=True)  # every: budget fraction; batches: 0 = whole split
   c.checkpoint = dict(every=200, keep=2, async_save=True)  # every: steps; 0 = only at the end
@@ -100,7 +113,8 @@ def validate(cfg) -> None:
     raise ValueError(f"data.source must be one of {DATA_SOURCES} ('builtin': the corpus shipped in "
                      f"the package; 'synthetic': benchmarks; others: prepared tfds datasets in "
                      f"data.tfds_data_dir), got {cfg.data.source!r}")
-  families = {"decoder": ("ul2", "causal_lm"), "bert": ("mlm",), "t5": ("span_corruption",)}
+  from raptr_jax.models import FAMILIES  # pylint: disable=g-import-not-at-top  (models import config's deps)
+  families = {name: family.objectives for name, family in FAMILIES.items()}
   if cfg.model.family not in families:
     raise ValueError(f"model.family must be one of {sorted(families)}, got {cfg.model.family!r}")
   if cfg.data.objective not in families[cfg.model.family]:
@@ -109,6 +123,10 @@ def validate(cfg) -> None:
         f"data.objective={cfg.data.objective!r} does not train model.family={cfg.model.family!r} "
         f"(it trains with {families[cfg.model.family]})"
         + (f"; {cfg.data.objective!r} is an objective of the {owner[0]!r} family" if owner else ""))
+  if cfg.method.name not in ("baseline", "raptr"):
+    raise ValueError(f"method.name must be 'baseline' or 'raptr', got {cfg.method.name!r}")
+  if cfg.method.raptr.lr not in ("run", "paper"):
+    raise ValueError(f"method.raptr.lr must be 'run' or 'paper', got {cfg.method.raptr.lr!r}")
   if cfg.data.extra_ids < 0:
     raise ValueError(f"data.extra_ids must be >= 0, got {cfg.data.extra_ids}")
   if cfg.data.batch_size <= 0 or cfg.data.seq_len <= 8:

@@ -12,6 +12,7 @@ is killed and re-started with the same workdir reaches the same losses as one th
 """
 import dataclasses
 import functools
+import json
 import math
 import os
 import time
@@ -30,6 +31,7 @@ from raptr_jax import sharding as shd
 from raptr_jax import step as step_lib
 from raptr_jax.config import validate
 from raptr_jax.data import objectives, pipeline
+from raptr_jax.methods import raptr
 from raptr_jax.data.corruption import mlm_max_predictions, target_length
 from raptr_jax.data.vocab import load_vocabulary
 from raptr_jax.models import get_family, model_config
@@ -65,7 +67,20 @@ def budget_in_units(cfg) -> tuple[str, float]:
 
 def build_plan(cfg) -> plan_lib.Plan:
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-  return plan_lib.baseline_plan(*budget_in_units(cfg), tokens_per_step)
+  unit, budget = budget_in_units(cfg)
+  if cfg.method.name == "raptr":
+    if cfg.model.family == "t5" and cfg.model.num_decoder_layers not in (0, cfg.model.num_layers):
+      raise ValueError("RaPTr on t5 draws one schedule for both stacks: give them the same depth")
+    stages = raptr.plan_stages(cfg.method.raptr, cfg.model.num_layers)
+    return plan_lib.Plan(stages, unit, budget, tokens_per_step)
+  return plan_lib.baseline_plan(unit, budget, tokens_per_step)
+
+
+def lr_decay_start(cfg, plan: plan_lib.Plan) -> float:
+  """RaPTr's paper LR: constant across stages, decaying over the final full-model stage."""
+  if cfg.method.name == "raptr" and cfg.method.raptr.lr == "paper" and len(plan.stages) > 1:
+    return plan.stages[-2].end
+  return 0.0
 
 
 def setup(cfg, need_costs: bool = True) -> Run:
@@ -105,12 +120,14 @@ def setup(cfg, need_costs: bool = True) -> Run:
   shardings = step_lib.state_shardings(abstract, axes, mesh, optimizer.tx)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   s = cfg.schedule
-  lr_fn = functools.partial(learning_rate, name=s.name, peak=s.peak, warmup=s.warmup, final=s.final)
+  plan = build_plan(cfg)
+  lr_fn = functools.partial(learning_rate, name=s.name, peak=s.peak, warmup=s.warmup, final=s.final,
+                            decay_start=lr_decay_start(cfg, plan))
   ctx = step_lib.StepContext(graphdef, family.loss_fn, family.logits_fn, optimizer, lr_fn, mesh,
                              shardings, mcfg.num_layers, family.batch_fields, packed=not synthetic,
                              wrap_select=lambda select: family.wrap_select(select, cfg.model))
   init_jit = jax.jit(init, out_shardings=shardings)
-  run = Run(cfg, mesh, mcfg, build_plan(cfg), step_lib.StepCache(ctx), init_jit, abstract)
+  run = Run(cfg, mesh, mcfg, plan, step_lib.StepCache(ctx), init_jit, abstract)
   if run.plan.unit == "rst_seconds" and need_costs:
     run.plan = plan_lib.with_step_costs(run.plan, rst.step_costs(cfg, run))
   return run
@@ -134,6 +151,7 @@ def evaluate(run: Run, params, batches) -> float:
 
 def _run_meta(cfg, mcfg) -> dict:
   return {"model": dataclasses.asdict(mcfg), "optimizer": cfg.optimizer.name,
+          "method": json.dumps(cfg.method.to_dict(), sort_keys=True, default=list),
           "batch_size": cfg.data.batch_size, "seq_len": cfg.data.seq_len, "unit": cfg.budget.unit}
 
 
@@ -174,10 +192,12 @@ def train(cfg, workdir: str) -> dict:
   start = checkpointer.latest_step()
   if start is None:
     state, progress, step, tokens, wall_before = run.init(), 0.0, 0, 0, 0.0
+    usage = {"layers": 0.0, "flops": 0.0}
   else:
     state, meta = checkpointer.restore(start, run.abstract_state, expected_meta)
     progress, step, tokens = float(meta["progress"]), int(meta["step"]), int(meta["tokens"])
     wall_before = float(meta.get("wall_s", 0.0))
+    usage = dict(meta.get("usage", {"layers": 0.0, "flops": 0.0}))
     stream.set_state(meta["data"])
     writer.truncate_after(step)
     if lead:
@@ -195,7 +215,7 @@ def train(cfg, workdir: str) -> dict:
 
   def save(step, state, progress, tokens):
     checkpointer.save(step, state, expected_meta | {
-        "step": step, "progress": progress, "tokens": tokens, "wall_s": wall(),
+        "step": step, "progress": progress, "tokens": tokens, "wall_s": wall(), "usage": dict(usage),
         "data": batches.get_state()})
 
   if start is None and cfg.eval.at_start:
@@ -211,6 +231,8 @@ def train(cfg, workdir: str) -> dict:
   wall0, last = time.perf_counter() - wall_before, {}
   wall = lambda: time.perf_counter() - wall0  # wall-clock seconds of training, across resumes
   compiled = set(run.steps.compiled_shapes)
+  full_flops = flops_lib.family_train_flops(cfg.model.family, run.model_cfg, cfg.data.batch_size,
+                                            cfg.data.seq_len, target_length(cfg.data))
   hessian_interval = run.steps.ctx.optimizer.hessian_interval
   try:
     while progress < budget:
@@ -228,10 +250,13 @@ def train(cfg, workdir: str) -> dict:
       tokens += step_tokens
       charge = plan.charge(stage, hessian)
       prev, progress = fraction, progress + charge
+      step_flops = flops_lib.family_train_flops(
+          cfg.model.family, run.model_cfg, cfg.data.batch_size, cfg.data.seq_len,
+          target_length(cfg.data), stage.active_layers)
+      active = stage.active_layers or run.model_cfg.num_layers
+      usage["layers"] += active
+      usage["flops"] += step_flops / full_flops
       if (stage.shape, hessian) in compiled:
-        step_flops = flops_lib.family_train_flops(
-            cfg.model.family, run.model_cfg, cfg.data.batch_size, cfg.data.seq_len,
-            target_length(cfg.data), stage.active_layers)
         timer.add(m, step_tokens, step_flops * (2 if hessian else 1))
       else:  # this step compiled: keep it out of the timings
         jax.block_until_ready(m)
@@ -251,6 +276,9 @@ def train(cfg, workdir: str) -> dict:
                "tokens": tokens, "wall_s": wall()} | timer.report(host["loss"])
         if plan.unit == "rst_seconds":
           row |= {"rst_s": progress, "rst_per_wall": progress / max(row["wall_s"], 1e-9)}
+        if len(plan.stages) > 1:  # subnetwork size now, its running average, FLOPs vs full model
+          row |= {"subnetwork/layers": active, "subnetwork/avg_layers": usage["layers"] / step,
+                  "flops/relative": usage["flops"] / step}
         row |= {k: v for k, v in host.items() if k.startswith("sophia/")}
       if do_eval:
         row["eval/loss"] = evaluate(run, state.params, eval_batches)

@@ -26,11 +26,16 @@ def check_schedule(name: str, warmup: float, final: float) -> None:
     raise ValueError("the rsqrt schedule needs schedule.warmup > 0")
 
 
-def learning_rate(t, name: str, peak: float, warmup: float, final: float = 0.0):
-  """LR at budget fraction t (a traced scalar is fine)."""
+def learning_rate(t, name: str, peak: float, warmup: float, final: float = 0.0, decay_start: float = 0.0):
+  """LR at budget fraction t (a traced scalar is fine).
+
+  ``decay_start`` > warmup holds the LR at ``peak`` from the end of warmup until then and runs
+  the schedule's decay over [decay_start, 1] only (RaPTr's stagewise schedule: constant across
+  stages, decay in the final full-model stage)."""
   t = jnp.clip(jnp.asarray(t, jnp.float32), 0.0, 1.0)
   up = peak * t / warmup if warmup > 0 else jnp.asarray(peak, jnp.float32)
-  s = jnp.clip((t - warmup) / max(1.0 - warmup, 1e-12), 0.0, 1.0)  # progress after warmup
+  start = max(warmup, decay_start)
+  s = jnp.clip((t - start) / max(1.0 - start, 1e-12), 0.0, 1.0)  # progress through the decay
   low = final * peak
   if name == "cosine":
     down = low + (peak - low) * 0.5 * (1.0 + jnp.cos(jnp.pi * s))

@@ -1,0 +1,223 @@
+"""RaPTr: progressive random subnetwork training (Panigrahi et al., 2024, "Efficient Stagewise
+Pretraining via Progressive Subnetworks"; Algorithm 1, Definition 2.2, Appendices E, G, J).
+
+Schedule ``T_{1:k} x (p_{1:k}, I_{1:k})``: in stage s every layer outside the fixed set ``I_s``
+is kept with probability ``p_s``; layers in ``I_s`` always run. The paper writes schedules by
+average subnetwork length, "6-8-10-12" for L = 12: stage s keeps ``l_s = |I| + p_s (L - |I|)``
+layers on average. Defaults (Section 4's recommendation): 4 stages starting at L/2 and growing
+by L/6, fixed set = first and last layer, Equal stage lengths, square-root output scaling.
+
+* Stage lengths (Appendix E): ``equal`` (k equal stages), ``proportional`` (stage s has length
+  proportional to s: 12-16-20-24 over 400k steps -> 40k, 80k, 120k, 160k, average length 20), and
+  a target average length: take the closer of Equal and Proportional, then move x steps from each
+  of the first k - 1 stages to the last (6-12-18-24 with target 20: x = 22.2k of 400k). An
+  initial full-model phase (30k steps in D.5) shifts every boundary by its length and shortens
+  the final full-model stage by as much, so the average length is unchanged.
+* Selection (Appendix G): the linear-combination shared subnetwork. ``fixed_count`` (default)
+  runs exactly ``round(l_s)`` layers: the fixed set plus a uniformly random subset of the rest,
+  gathered from the stacked parameters inside the jitted step, so a stage compiles once and each
+  parameter gets a gradient (exactly zero when unselected). ``grouped`` (the Appendix G remark)
+  draws one subset for groups of ``group`` consecutive layers at a time. ``bernoulli`` is
+  Definition 2.2 exactly (each layer independently): its count varies per step, so it runs all
+  L layers with zero output scale for the dropped ones, one compile per stage at the cost of
+  full-model compute (use it to check the fixed-count approximation, not for speed).
+* Output scaling (Appendix J): ``sqrt`` (h_sqrt: a kept layer j is scaled by sqrt(j' - j), j' the
+  next kept layer, L + 1 after the last, so the squared scales up to each kept layer sum to its
+  depth), ``none``, or ``inverse_p`` (1/p_s on the non-fixed layers). Evaluation runs the full
+  model with unit scales.
+"""
+import dataclasses
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from raptr_jax.models.selection import LayerSelection, Selection
+
+LENGTH_MODES = ("equal", "proportional")
+SCALINGS = ("sqrt", "none", "inverse_p")
+SELECTIONS = ("fixed_count", "grouped", "bernoulli")
+
+
+@dataclasses.dataclass(frozen=True)
+class RaptrStage:
+  p: float                 # keep probability of the non-fixed layers
+  fixed: tuple[int, ...]   # layers that always run (0-based)
+  length: float            # in the budget's unit
+
+  def average_layers(self, num_layers: int) -> float:
+    return len(self.fixed) + self.p * (num_layers - len(self.fixed))
+
+
+def recommended_lengths(num_layers: int) -> list[float]:
+  """Section 4's schedule: L/2, then + L/6 per stage, 4 stages (6-8-10-12 for L = 12)."""
+  return [num_layers / 2 + i * num_layers / 6 for i in range(4)]
+
+
+def parse_notation(notation: str) -> list[float]:
+  """'6-8-10-12' -> [6, 8, 10, 12] (average subnetwork lengths per stage)."""
+  if not re.fullmatch(r"\s*\d+(\.\d+)?(\s*-\s*\d+(\.\d+)?)*\s*", notation or ""):
+    raise ValueError(f"RaPTr schedule {notation!r} is not in the paper's notation, e.g. '6-8-10-12'")
+  return [float(x) for x in notation.split("-")]
+
+
+def average_length(lengths, stage_lengths) -> float:
+  return float(np.dot(lengths, stage_lengths) / np.sum(stage_lengths))
+
+
+def stage_lengths(avg_lengths, total: float, mode: str = "equal", target_average: float = 0.0,
+                  initial_full: float = 0.0, num_layers: int | None = None) -> list[float]:
+  """Stage lengths (Appendix E) in the budget's unit, the initial full-model phase first if any.
+
+  ``target_average`` > 0: start from whichever of Equal / Proportional has the closer average
+  subnetwork length, and move x from each of the first k - 1 stages to the last to hit it."""
+  k = len(avg_lengths)
+  if mode not in LENGTH_MODES:
+    raise ValueError(f"RaPTr stage lengths must be one of {LENGTH_MODES}, got {mode!r}")
+  if not 0 <= initial_full < total:
+    raise ValueError(f"the initial full-model phase ({initial_full}) must be shorter than the budget ({total})")
+  candidates = {"equal": [total / k] * k,
+                "proportional": [total * (s + 1) / (k * (k + 1) / 2) for s in range(k)]}
+  lengths = candidates[mode]
+  if target_average:
+    mode = min(LENGTH_MODES, key=lambda m: abs(average_length(avg_lengths, candidates[m]) - target_average))
+    lengths = list(candidates[mode])
+    gain = sum(avg_lengths[-1] - a for a in avg_lengths[:-1])  # average gained per unit of x, x total
+    if k < 2 or gain <= 0:
+      raise ValueError("a target average length needs at least two stages with a growing schedule")
+    x = (target_average - average_length(avg_lengths, lengths)) * total / gain
+    lengths = [l - x for l in lengths[:-1]] + [lengths[-1] + (k - 1) * x]
+    if min(lengths) <= 0:
+      raise ValueError(f"target average length {target_average} cannot be reached with this schedule "
+                       f"(stage lengths would be {lengths})")
+  if initial_full:
+    if num_layers is not None and avg_lengths[-1] != num_layers:
+      raise ValueError("an initial full-model phase is taken from the final stage, which must be the full model")
+    if lengths[-1] <= initial_full:
+      raise ValueError(f"the initial full-model phase ({initial_full}) must be shorter than the final stage ({lengths[-1]})")
+    lengths = [initial_full] + lengths[:-1] + [lengths[-1] - initial_full]
+  return lengths
+
+
+def build_schedule(num_layers: int, avg_lengths=None, fixed=None, total: float = 1.0, mode: str = "equal",
+                   target_average: float = 0.0, initial_full: float = 0.0) -> list[RaptrStage]:
+  """The stages ``T_{1:k} x (p_{1:k}, I_{1:k})`` from average lengths (default: recommended)."""
+  L = num_layers
+  avg_lengths = list(avg_lengths or recommended_lengths(L))
+  fixed = tuple(sorted({0, L - 1} if fixed is None else {int(i) % L for i in fixed}))
+  for a, b in zip(avg_lengths, avg_lengths[1:]):
+    if b < a:
+      raise ValueError(f"RaPTr schedule {avg_lengths} is not monotone: subnetwork sizes must not shrink")
+  for a in avg_lengths:
+    if not len(fixed) <= a <= L:
+      raise ValueError(f"RaPTr subnetwork size {a:g} is outside [|I| = {len(fixed)}, L = {L}]")
+  lengths = stage_lengths(avg_lengths, total, mode, target_average, initial_full, L)
+  if initial_full:
+    avg_lengths = [float(L)] + avg_lengths
+  p = lambda a: 1.0 if L == len(fixed) else (a - len(fixed)) / (L - len(fixed))
+  return [RaptrStage(p(a), fixed, length) for a, length in zip(avg_lengths, lengths)]
+
+
+def check_stages(stages, num_layers: int, total: float) -> None:
+  """Rejects explicit schedules that shrink, escape [|I|, L] or do not sum to the budget."""
+  for s in stages:
+    if not 0.0 < s.p <= 1.0 or any(not 0 <= i < num_layers for i in s.fixed):
+      raise ValueError(f"RaPTr stage {s}: p must be in (0, 1] and fixed layers in [0, {num_layers})")
+  for a, b in zip(stages, stages[1:]):
+    if b.p < a.p or not set(a.fixed) <= set(b.fixed):
+      raise ValueError(f"RaPTr stages must not shrink (p non-decreasing, I growing): {a} then {b}")
+  if abs(sum(s.length for s in stages) - total) > 1e-6 * total:
+    raise ValueError(f"RaPTr stage lengths sum to {sum(s.length for s in stages):g}, not the budget {total:g}")
+
+
+def sqrt_scales(indices, num_layers: int):
+  """h_sqrt of Appendix J for sorted kept layer indices (0-based): sqrt(next kept - this),
+  with L after the last kept layer."""
+  indices = jnp.asarray(indices)
+  nxt = jnp.concatenate([indices[1:], jnp.array([num_layers], indices.dtype)])
+  return jnp.sqrt((nxt - indices).astype(jnp.float32))
+
+
+def stage_size(stage: RaptrStage, num_layers: int) -> int:
+  """Layers a fixed-count step runs: round(|I| + p (L - |I|))."""
+  return int(round(stage.average_layers(num_layers)))
+
+
+def make_select(stage: RaptrStage, num_layers: int, scaling: str = "sqrt", selection: str = "fixed_count",
+                group: int = 1):
+  """``select(key, batch) -> Selection`` for one stage (None when the stage is the full model)."""
+  L = num_layers
+  if scaling not in SCALINGS or selection not in SELECTIONS:
+    raise ValueError(f"RaPTr scaling must be one of {SCALINGS} and selection one of {SELECTIONS}")
+  fixed = np.asarray(stage.fixed, np.int32)
+  free = np.setdiff1d(np.arange(L), fixed).astype(np.int32)
+  k = stage_size(stage, L)
+  if stage.p >= 1.0 or k >= L:
+    return None
+
+  def scales_of(indices, kept):
+    if scaling == "sqrt":
+      return sqrt_scales(indices, L) * kept
+    if scaling == "inverse_p":
+      return jnp.where(jnp.isin(indices, fixed), 1.0, 1.0 / stage.p) * kept
+    return kept
+
+  if selection == "bernoulli":
+    def select(key, batch):
+      keep = jax.random.bernoulli(key, stage.p, (L,)) | jnp.isin(jnp.arange(L), fixed)
+      idx = jnp.arange(L, dtype=jnp.int32)
+      if scaling == "sqrt":  # next kept layer of each kept layer, over the kept ones only
+        pos = jnp.where(keep, idx, L)
+        nxt = jax.lax.cummin(jnp.concatenate([pos[1:], jnp.array([L])])[::-1])[::-1]
+        scales = jnp.where(keep, jnp.sqrt((nxt - idx).astype(jnp.float32)), 0.0)
+      else:
+        scales = scales_of(idx, keep.astype(jnp.float32))
+      return Selection(layers=LayerSelection(idx, scales))
+    return select
+
+  n_free = k - len(fixed)
+  if selection == "grouped":
+    if group < 1 or len(free) % group or n_free % group:
+      raise ValueError(f"grouped selection needs group ({group}) to divide the {len(free)} free layers "
+                       f"and the {n_free} sampled ones")
+  else:
+    group = 1
+
+  def select(key, batch):
+    groups = jax.random.permutation(key, len(free) // group)[:n_free // group]
+    chosen = (groups[:, None] * group + jnp.arange(group)[None]).reshape(-1)
+    indices = jnp.sort(jnp.concatenate([jnp.asarray(fixed), jnp.asarray(free)[chosen]]))
+    return Selection(layers=LayerSelection(indices.astype(jnp.int32), scales_of(indices, jnp.ones(k))))
+
+  return select
+
+
+def relative_flops(stages, num_layers: int) -> float:
+  """Average layers used / L over the schedule (the paper's FLOP accounting, Appendix E)."""
+  total = sum(s.length for s in stages)
+  return sum(s.average_layers(num_layers) * s.length for s in stages) / (num_layers * total)
+
+
+def plan_stages(raptr_cfg, num_layers: int):
+  """The plan stages (budget fractions, shapes, select functions) of a ``method.raptr`` config."""
+  from raptr_jax.plan import Stage  # pylint: disable=g-import-not-at-top
+  c = raptr_cfg
+  fixed = tuple(int(i) for i in c.fixed)
+  if c.stages:
+    stages = [RaptrStage(float(p), tuple(sorted(int(i) % num_layers for i in I)), float(f))
+              for p, I, f in c.stages]
+  else:
+    stages = build_schedule(num_layers, parse_notation(c.schedule) if c.schedule else None, fixed, 1.0,
+                            c.lengths, c.target_average, c.initial_full)
+  check_stages(stages, num_layers, 1.0)
+  out, end = [], 0.0
+  for i, s in enumerate(stages):
+    end += s.length
+    k = num_layers if c.selection == "bernoulli" else stage_size(s, num_layers)
+    select = make_select(s, num_layers, c.scaling, c.selection, c.group)
+    shape = ("full",) if select is None else ("raptr", k, s.fixed, round(s.p, 6), c.selection, c.scaling)
+    out.append(Stage(f"raptr{i + 1}:{s.average_layers(num_layers):g}/{num_layers}", min(end, 1.0),
+                     shape, select, active_layers=k if select is not None else None))
+  return tuple(out)

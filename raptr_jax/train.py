@@ -231,8 +231,10 @@ def train(cfg, workdir: str) -> dict:
   wall0, last = time.perf_counter() - wall_before, {}
   wall = lambda: time.perf_counter() - wall0  # wall-clock seconds of training, across resumes
   compiled = set(run.steps.compiled_shapes)
-  full_flops = flops_lib.family_train_flops(cfg.model.family, run.model_cfg, cfg.data.batch_size,
-                                            cfg.data.seq_len, target_length(cfg.data))
+  step_flops_of = functools.partial(flops_lib.family_train_flops, cfg.model.family, run.model_cfg,
+                                    cfg.data.batch_size, cfg.data.seq_len, target_length(cfg.data))
+  full_flops = step_flops_of()
+  stage_flops = {s.shape: step_flops_of(s.active_layers) for s in plan.stages}  # not per step
   hessian_interval = run.steps.ctx.optimizer.hessian_interval
   try:
     while progress < budget:
@@ -250,9 +252,7 @@ def train(cfg, workdir: str) -> dict:
       tokens += step_tokens
       charge = plan.charge(stage, hessian)
       prev, progress = fraction, progress + charge
-      step_flops = flops_lib.family_train_flops(
-          cfg.model.family, run.model_cfg, cfg.data.batch_size, cfg.data.seq_len,
-          target_length(cfg.data), stage.active_layers)
+      step_flops = stage_flops[stage.shape]
       active = stage.active_layers or run.model_cfg.num_layers
       usage["layers"] += active
       usage["flops"] += step_flops / full_flops

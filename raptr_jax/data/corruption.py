@@ -19,7 +19,7 @@ import math
 import numpy as np
 
 from raptr_jax.data import packing
-from raptr_jax.data.objectives import Objective, random_spans_noise_mask, span_corruption
+from raptr_jax.data.objectives import Objective, noise_span_counts, random_spans_noise_mask, span_corruption
 from raptr_jax.data.vocab import EOS_ID, Vocabulary
 
 
@@ -72,8 +72,7 @@ def masked_lm_objective(vocab: Vocabulary, data_cfg) -> Objective:
 
 def t5_lengths_of(raw_length: int, noise_density: float, mean_span: float) -> tuple[int, int]:
   """(inputs length, targets length) of span corruption of ``raw_length`` tokens, eos included."""
-  num_noise = int(np.clip(round(raw_length * noise_density), 1, raw_length - 1))
-  num_spans = min(max(1, int(round(num_noise / mean_span))), num_noise, raw_length - num_noise)
+  num_noise, num_spans = noise_span_counts(raw_length, noise_density, mean_span)
   return raw_length - num_noise + num_spans + 1, num_noise + num_spans + 1
 
 
@@ -128,7 +127,7 @@ def span_corruption_objective(vocab: Vocabulary, data_cfg) -> Objective:
         f"span corruption of {data_cfg.seq_len} input tokens (noise density {density}, mean span "
         f"{span}) makes targets of {needed} tokens, longer than data.target_len={target_len}; "
         f"set data.target_len >= {needed} (or 0 to use exactly {needed})")
-  spans = t5_lengths_of(raw, density, span)[1] - round(raw * density) - 1
+  _, spans = noise_span_counts(raw, density, span)
   if spans > vocab.extra_ids:
     raise ValueError(f"span corruption of {raw} raw tokens makes {spans} noise spans but the "
                      f"vocabulary has {vocab.extra_ids} sentinel ids; raise data.extra_ids or "

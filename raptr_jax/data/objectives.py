@@ -16,7 +16,7 @@ same example is corrupted the same way on every host, after resumption, and in a
   the loss is on targets only. Defaults: the paper's seven denoisers with equal weight
   (R: mu=3 r=0.15, mu=8 r=0.15; X: mu=3 r=0.5, mu=8 r=0.5, mu=64 r=0.15, mu=64 r=0.5; S: r=0.25).
 
-The encoder-only and encoder-decoder objectives live in ``masking.py`` (MLM, T5 span
+The encoder-only and encoder-decoder objectives live in ``corruption.py`` (MLM, T5 span
 corruption); ``build_objective`` returns any of them with the packing layout it needs.
 """
 import dataclasses
@@ -92,6 +92,14 @@ def causal_lm(tokens: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
   return aligned(seq, np.ones(len(seq), np.float32), prefix_len=0)
 
 
+def noise_span_counts(length: int, rate: float, mean_span: float) -> tuple[int, int]:
+  """(noise tokens, noise spans) of T5 span corruption of ``length`` tokens: round(length*rate)
+  noise tokens (at least 1, at most length - 1) in about noise/mean_span spans."""
+  num_noise = int(np.clip(round(length * rate), 1, length - 1))
+  num_spans = min(max(1, int(round(num_noise / mean_span))), num_noise, length - num_noise)
+  return num_noise, num_spans
+
+
 def random_spans_noise_mask(length: int, rate: float, mean_span: float,
                             rng: np.random.Generator) -> np.ndarray:
   """T5's span-corruption mask: round(length*rate) noise tokens in about n/mean_span spans.
@@ -99,9 +107,7 @@ def random_spans_noise_mask(length: int, rate: float, mean_span: float,
   Noise and non-noise lengths are random partitions; the mask alternates non-noise, noise, ...
   starting with non-noise, so the sequence never starts with a noise span.
   """
-  num_noise = int(np.clip(round(length * rate), 1, length - 1))
-  num_spans = max(1, int(round(num_noise / mean_span)))
-  num_spans = min(num_spans, num_noise, length - num_noise)
+  num_noise, num_spans = noise_span_counts(length, rate, mean_span)
 
   def partition(total, parts):
     cuts = np.sort(rng.choice(np.arange(1, total), size=parts - 1, replace=False)) if parts > 1 else []
@@ -135,8 +141,7 @@ def span_corruption(tokens: np.ndarray, noise_mask: np.ndarray, vocab: Vocabular
 
 def span_corruption_length(length: int, d: Denoiser) -> int:
   """Aligned length of a decoder-only span-corruption example from ``length`` raw tokens."""
-  num_noise = int(np.clip(round(length * d.rate), 1, length - 1))
-  spans = min(max(1, int(round(num_noise / d.mean_span))), num_noise, length - num_noise)
+  _, spans = noise_span_counts(length, d.rate, d.mean_span)
   return length + 2 * spans + 1  # paradigm token + sentinels twice + eos, minus the shift
 
 

@@ -39,9 +39,7 @@ class PackedStream:
 
   def __init__(self, source, objective, batch_size: int, seed: int, repeat: bool,
                max_segments: int = 64):
-    if isinstance(source, list):
-      source = ListSource(source, seed, shuffle=False)
-    if not isinstance(objective, objectives.Objective):  # a bare transform: decoder-style rows
+    if not isinstance(objective, objectives.Objective):
       raise TypeError("PackedStream needs an objectives.Objective (see objectives.build_objective)")
     self.source = source
     self.objective = objective

@@ -137,12 +137,9 @@ class CorpusSource:
     else:
       draws = np.random.default_rng([self.seed, epoch, 0x313])
       pick = lambda: int(draws.choice(len(streams), p=self.probs))
-    position, live = 0, set(range(len(streams)))
-    while live:
-      i = pick()
-      if i not in live:
-        continue
-      item = next(streams[i], None)
+    position = 0
+    while True:
+      item = next(streams[pick()], None)
       if item is None:  # an epoch ends when any part runs out, so the rates hold throughout
         return
       if position >= start:

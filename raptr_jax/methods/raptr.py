@@ -27,7 +27,6 @@ by L/6, fixed set = first and last layer, Equal stage lengths, square-root outpu
   model with unit scales.
 """
 import dataclasses
-import math
 import re
 
 import jax

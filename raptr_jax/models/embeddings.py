@@ -7,13 +7,13 @@ from raptr_jax.models.config import ModelConfig
 from raptr_jax.models.core import logical_param
 
 
-def init_embeddings(module, cfg: ModelConfig, rngs, learned_positions: bool | None = None):
+def init_embeddings(module, cfg: ModelConfig, rngs):
   """Adds ``embedding`` [V, d], ``pos_embedding`` [max_len, d] (learned positions) and an untied
   ``head`` [d, V] to ``module``."""
   pd = cfg.params_dtype
   module.embedding = logical_param(rngs.params(), (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
                                    cfg.init_std, pd)
-  if cfg.position == "learned" if learned_positions is None else learned_positions:
+  if cfg.position == "learned":
     module.pos_embedding = logical_param(rngs.params(), (cfg.max_len, cfg.d_model), ("length", "embed"),
                                          cfg.init_std, pd)
   if not cfg.tied_embeddings:

@@ -28,6 +28,8 @@ import time
 import jax
 import jax.numpy as jnp
 
+from raptr_jax.data.corruption import target_length
+
 TABLE_VERSION = 1
 DEFAULT_TABLE = "rst_table.json"
 
@@ -37,6 +39,8 @@ def context_key(cfg, model_cfg) -> str:
   what = {"model": dataclasses.asdict(model_cfg), "family": cfg.model.family,
           "batch_size": cfg.data.batch_size, "seq_len": cfg.data.seq_len,
           "optimizer": cfg.optimizer.name, "mesh": {k: cfg.mesh[k] for k in ("data", "fsdp", "tensor")}}
+  if target_length(cfg.data):  # t5: the decoder length costs too (absent elsewhere: keys unchanged)
+    what["target_len"] = target_length(cfg.data)
   return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

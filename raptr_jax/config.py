@@ -12,6 +12,7 @@ from raptr_jax.optim.schedules import check_schedule
 from raptr_jax.plan import UNITS
 
 DATA_SOURCES = ("builtin", "synthetic", "c4", "wikipedia_books", "minipile")
+METHODS = ("baseline", "raptr", "pld")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -55,18 +56,26 @@ def base_config() -> ml_collections.ConfigDict:
       rms_scaling=False, rms_min_scale=1e-3,  # lr x max(min_scale, RMS(param)) (T5 runs of NTNG)
       freeze_inactive=False)     # True: params a step leaves out keep params and moments
   c.method = dict(
-      name="baseline",           # baseline | raptr
+      name="baseline",           # baseline | raptr | pld
       raptr=dict(                # methods/raptr.py (RaPTr, Algorithm 1 and Appendices E, G, J)
-          schedule="",           # paper notation, e.g. "6-8-10-12"; "" = L/2, +L/6, 4 stages
+          axis="depth",          # depth | heads | mlp (Section 4.3: Attention- / MLP-RaPTr)
+          mlp_parts=4,           # axis=mlp: the MLP's hidden units in this many equal parts
+          schedule="",           # paper notation, e.g. "6-8-10-12" (layers, heads or parts per
+                                 # layer); "" = L/2, +L/6, 4 stages
           stages=(),             # explicit ((p, (fixed layers), budget fraction), ...) instead
           lengths="equal",       # equal | proportional (Appendix E)
           target_average=0.0,    # > 0: adjust lengths to this average subnetwork length
           initial_full=0.0,      # budget fraction of full-model training before the schedule
-          fixed=(0, -1),         # I: layers always kept (default first and last)
-          selection="fixed_count",  # fixed_count | grouped | bernoulli
+          fixed=(0, -1),         # depth: I, layers always kept (default first and last)
+          selection="fixed_count",  # depth: fixed_count | grouped | bernoulli
           group=1,               # grouped selection: consecutive layers drawn together
-          scaling="sqrt",        # sqrt (h_sqrt) | none | inverse_p
-          lr="run"))             # run: schedule.* as set; paper: constant, decay in last stage
+          scaling="auto",        # depth: sqrt (h_sqrt) | none | inverse_p; width: inverse_p |
+                                 # none; auto = sqrt for depth, inverse_p for width
+          lr="run"),             # run: schedule.* as set; paper: constant, decay in last stage
+      pld=dict(                  # methods/pld.py (progressive layer dropping, NTNG Algorithm 2)
+          theta_bar=0.5,         # final keep level of the time schedule
+          gamma_f=100.0,         # gamma = gamma_f / budget (NTNG: 100 BERT, 20 T5)
+          scaling="inverse_p"))  # inverse_p: kept branches / p_i (Algorithm 2) | none
   c.schedule = dict(name="cosine", peak=1e-3, warmup=0.05, final=0.1)
   c.eval = dict(every=0.25, batches=8, at_start=True)  # every: budget fraction; batches: 0 = whole split
   c.checkpoint = dict(every=200, keep=2, async_save=True)  # every: steps; 0 = only at the end
@@ -123,8 +132,12 @@ def validate(cfg) -> None:
         f"data.objective={cfg.data.objective!r} does not train model.family={cfg.model.family!r} "
         f"(it trains with {families[cfg.model.family]})"
         + (f"; {cfg.data.objective!r} is an objective of the {owner[0]!r} family" if owner else ""))
-  if cfg.method.name not in ("baseline", "raptr"):
-    raise ValueError(f"method.name must be 'baseline' or 'raptr', got {cfg.method.name!r}")
+  if cfg.method.name not in METHODS:
+    raise ValueError(f"method.name must be one of {METHODS}, got {cfg.method.name!r}")
+  if cfg.method.name == "raptr" and cfg.method.raptr.axis != "depth" and cfg.optimizer.freeze_inactive:
+    raise ValueError("optimizer.freeze_inactive freezes whole layers; width RaPTr "
+                     f"(method.raptr.axis={cfg.method.raptr.axis!r}) updates unselected heads/parts with "
+                     "their zero gradient: set optimizer.freeze_inactive=False")
   if cfg.method.raptr.lr not in ("run", "paper"):
     raise ValueError(f"method.raptr.lr must be 'run' or 'paper', got {cfg.method.raptr.lr!r}")
   if cfg.data.extra_ids < 0:

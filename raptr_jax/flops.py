@@ -5,6 +5,8 @@ scores: QK^T and AV each 2 * T * heads * head_dim, halved for causal attention (
 convention). The head adds 2 * d * V. Training = 3 x forward (backward = 2 x forward).
 A layer that sees only ``r`` of ``T`` tokens costs its matmuls on r tokens and attention on r^2.
 """
+import dataclasses
+
 import jax
 
 # Dense bf16 peak FLOP/s per device (no sparsity).
@@ -59,15 +61,48 @@ def family_train_flops(family: str, cfg, batch: int, seq_len: int, target_len: i
     return train_flops_per_step(cfg, batch, seq_len, num_layers)
   head = lambda positions: 2 * cfg.d_model * cfg.vocab_size * batch * positions
   if family == "bert":
-    layers = num_layers or cfg.num_layers
+    layers = cfg.num_layers if num_layers is None else num_layers
     fwd = layer_forward_flops(cfg, batch * seq_len, seq_len, causal=False) * layers
     return 3.0 * (fwd + head(cfg.max_predictions or seq_len))
   if family == "t5":
     t = target_len or max(1, seq_len // 4)
-    enc = layer_forward_flops(cfg, batch * seq_len, seq_len, causal=False) * (num_layers or cfg.num_layers)
+    enc = layer_forward_flops(cfg, batch * seq_len, seq_len, causal=False) * (
+        cfg.num_layers if num_layers is None else num_layers)
     dec_layer = layer_forward_flops(cfg, batch * t, t, causal=True) + cross_attention_forward_flops(cfg, batch, t, seq_len)
-    return 3.0 * (enc + dec_layer * (num_layers or cfg.decoder_layers) + head(t))
+    return 3.0 * (enc + dec_layer * (cfg.decoder_layers if num_layers is None else num_layers) + head(t))
   raise ValueError(f"no FLOP count for family {family!r}")
+
+
+class StageFlops:
+  """Model FLOPs of one step of a plan stage: its active layers, its width (``stage.width``
+  overrides model fields such as ``num_heads``), and for a dynamic layer count (``stage.
+  layer_fraction``) the expected count at the step's budget fraction. Static stages are
+  computed once."""
+
+  def __init__(self, family: str, cfg, batch: int, seq_len: int, target_len: int = 0):
+    self.cfg = cfg
+    self._of = lambda c, layers=None: family_train_flops(family, c, batch, seq_len, target_len, layers)
+    self.full = self._of(cfg)
+    self._static = {}
+
+  @property
+  def layer_share(self) -> float:
+    """Share of a full step's FLOPs spent in the layers (the rest: embedding, head, loss)."""
+    return 1.0 - self._of(self.cfg, 0) / self.full
+
+  def layers(self, stage, fraction: float) -> float:
+    """(Expected) layers a step of ``stage`` at budget ``fraction`` runs."""
+    if stage.layer_fraction is not None:
+      return self.cfg.num_layers * stage.layer_fraction(fraction)
+    return stage.active_layers or self.cfg.num_layers
+
+  def __call__(self, stage, fraction: float) -> float:
+    if stage.layer_fraction is not None:
+      return self.full - self.layer_share * self.full * (1.0 - stage.layer_fraction(fraction))
+    if stage.shape not in self._static:
+      cfg = dataclasses.replace(self.cfg, **(stage.width or {}))
+      self._static[stage.shape] = self._of(cfg, stage.active_layers)
+    return self._static[stage.shape]
 
 
 def device_peak_flops(device=None) -> float | None:

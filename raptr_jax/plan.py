@@ -7,8 +7,13 @@
   what one of its steps costs, so methods whose steps differ in cost are charged honestly. The budget fraction ``progress / budget`` drives the LR schedule, stage boundaries
   and eval cadence.
 * A **stage** ends at a budget fraction and has a static ``shape`` key: steps are compiled once
-  per distinct key. ``select(key, batch)`` (or None for the full model) builds the stage's
-  ``Selection`` inside the jitted step from the step's PRNG key.
+  per distinct key. ``select(key, batch, progress)`` (or None for the full model) builds the
+  stage's ``Selection`` inside the jitted step from the step's PRNG key and budget fraction.
+* A stage whose expected layer count changes over the budget (progressive layer dropping)
+  gives ``layer_fraction(budget fraction)``, the expected share of layers a step runs. It
+  drives the FLOPs metrics and, on the RST clock, the charge: the stage is calibrated with every
+  layer running (at budget fraction 0), and a step is charged that time with its layer share
+  (``Plan.layer_cost_share``, from the analytic FLOPs) scaled by ``layer_fraction``.
 """
 import dataclasses
 from typing import Callable, Hashable
@@ -22,8 +27,10 @@ class Stage:
   end: float                              # budget fraction at which the stage ends
   shape: Hashable = ("full",)             # compile-cache key of the stage's step
   select: Callable | None = None          # (key, batch) -> Selection | None, traced in the step
-  active_layers: int | None = None        # for FLOPs accounting (None: all)
+  active_layers: float | None = None      # for FLOPs accounting (None: all; may be an expectation)
   tokens_per_step: int | None = None      # charge for the tokens clock (None: batch x seq_len)
+  layer_fraction: Callable | None = None  # budget fraction -> expected share of layers run
+  width: dict | None = None               # model fields a step effectively has, e.g. {"num_heads": 6}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +40,7 @@ class Plan:
   budget: float
   tokens_per_step: int
   step_costs: dict | None = None          # rst_seconds: {(stage.shape, hessian): seconds}
+  layer_cost_share: float = 1.0           # share of a full step's FLOPs spent in the layers
 
   def __post_init__(self):
     if self.unit not in UNITS:
@@ -53,21 +61,25 @@ class Plan:
         return i
     return len(self.stages) - 1
 
-  def charge(self, stage: Stage, hessian: bool = False) -> float:
-    """Progress one step of ``stage`` adds, in the budget's unit (``hessian``: a step that also
-    runs Sophia-G's Hessian pass)."""
+  def charge(self, stage: Stage, hessian: bool = False, fraction: float = 0.0) -> float:
+    """Progress one step of ``stage`` started at budget ``fraction`` adds, in the budget's unit
+    (``hessian``: a step that also runs Sophia-G's Hessian pass)."""
     if self.unit == "steps":
       return 1.0
     if self.unit == "tokens":
       return float(stage.tokens_per_step or self.tokens_per_step)
-    return float(self.step_costs[(stage.shape, hessian)])
+    seconds = float(self.step_costs[(stage.shape, hessian)])
+    if stage.layer_fraction is not None:  # calibrated with every layer running
+      seconds *= 1.0 - self.layer_cost_share * (1.0 - stage.layer_fraction(fraction))
+    return seconds
 
   def total_steps(self, hessian_interval: int = 0) -> int:
     """Steps the plan will run (each stage's steps until its end fraction is reached)."""
     progress, steps = 0.0, 0
     while progress < self.budget:
       hessian = bool(hessian_interval) and steps % hessian_interval == hessian_interval - 1
-      progress += self.charge(self.stages[self.stage_index(progress / self.budget)], hessian)
+      fraction = progress / self.budget
+      progress += self.charge(self.stages[self.stage_index(fraction)], hessian, fraction)
       steps += 1
     return steps
 

@@ -148,15 +148,18 @@ def calibrate(cfg, steps: int = 10, warmup: int = 2, table: str | None = None, v
   device = device_description()
   for kind, stage, hessian in step_kinds(run.plan, run.steps.ctx.optimizer.hessian_interval):
     if kind == "eval":
-      fn = lambda s: (s, run.steps.eval_step(s.params, batch))
+      fn = lambda s, i: (s, run.steps.eval_step(s.params, batch))
     else:
       step = run.steps.train_step(stage, hessian)
-      args = (batch, jax.random.key(0), jnp.float32(0.5)) + ((hbatch,) if hessian else ())
-      fn = lambda s, step=step, args=args: step(s, *args)
+      # A dynamic layer count is timed with every layer running (the charge scales it down).
+      at = 0.0 if stage.layer_fraction is not None else 0.5
+      args = (batch, jnp.float32(at)) + ((hbatch,) if hessian else ())
+      # Each timed step draws its own selection (a Bernoulli subnetwork's size varies).
+      fn = lambda s, i, step=step, args=args: step(s, args[0], jax.random.key(i), *args[1:])
     times = []
     for i in range(1 + warmup + steps):  # the first call compiles: never timed
       t = time.perf_counter()
-      state, out = fn(state)
+      state, out = fn(state, i)
       jax.block_until_ready(out)
       if i > warmup:
         times.append(time.perf_counter() - t)

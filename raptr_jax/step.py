@@ -1,8 +1,9 @@
 """The pure train and eval steps, jitted with shardings and donation over the mesh.
 
 ``train_step(state, batch, key, progress) -> (state, metrics)``: ``progress`` is the budget
-fraction at the start of the step (it sets the LR); ``key`` is the step's PRNG key, from which a
-stage's ``select`` draws its layer/token selection, so one compiled step serves a whole stage.
+fraction at the start of the step (it sets the LR and any time schedule of the selection);
+``key`` is the step's PRNG key, from which a stage's ``select`` draws its layer/token/width
+selection, so one compiled step serves a whole stage.
 """
 import dataclasses
 from typing import Any, Callable
@@ -90,7 +91,7 @@ def make_train_step(ctx: StepContext, select: Callable | None, hessian: bool = F
   select = ctx.wrap_select(select) if select is not None else None
 
   def train_step(state: TrainState, batch, key, progress, hessian_batch=None):
-    selection = select(key, batch) if select is not None else None
+    selection = select(key, batch, progress) if select is not None else None
 
     def loss_of(params):
       return ctx.loss_fn(nnx.merge(ctx.graphdef, params), batch, selection, ctx.packed)
@@ -99,7 +100,7 @@ def make_train_step(ctx: StepContext, select: Callable | None, hessian: bool = F
     extra = {}
     if hessian:
       hkey = jax.random.fold_in(key, 1)
-      hsel = select(hkey, hessian_batch) if select is not None else None
+      hsel = select(hkey, hessian_batch, progress) if select is not None else None
       logits_of = lambda p: ctx.logits_fn(nnx.merge(ctx.graphdef, p), hessian_batch, hsel, ctx.packed)
       extra["hessian_estimate"] = gnb_hessian_estimate(
           logits_of, state.params, jax.random.fold_in(key, 2), hessian_batch["weights"],
@@ -107,8 +108,9 @@ def make_train_step(ctx: StepContext, select: Callable | None, hessian: bool = F
     if opt.needs_obj_fn:
       extra["obj_fn"] = lambda p: loss_of(p)[0]
     if opt.freeze_inactive and selection is not None and selection.layer_selections():
-      extra["active"] = layer_activity(
-          state.params, {k: s.indices for k, s in selection.layer_selections().items()})
+      extra["active"] = layer_activity(state.params, {
+          k: s.mask(jax.tree.leaves(state.params[k])[0].shape[0])
+          for k, s in selection.layer_selections().items()})
     updates, opt_state = opt.tx.update(grads, state.opt_state, state.params, **extra)
     lr = ctx.lr_fn(progress)
     params = jax.tree.map(lambda p, u: (p - lr * u).astype(p.dtype), state.params, updates)

@@ -4,7 +4,7 @@
     while progress < budget:
       stage = plan.stage_at(progress / budget)
       state, metrics = step_for(stage)(state, batch, key(step), progress / budget)
-      progress += plan.charge(stage)
+      progress += plan.charge(stage, hessian, fraction)
       log / eval / checkpoint at their cadences
 
 All randomness is a function of (seed, step) and the data stream's saved position, so a run that
@@ -31,7 +31,7 @@ from raptr_jax import sharding as shd
 from raptr_jax import step as step_lib
 from raptr_jax.config import validate
 from raptr_jax.data import objectives, pipeline
-from raptr_jax.methods import raptr
+from raptr_jax.methods import pld, raptr
 from raptr_jax.data.corruption import mlm_max_predictions, target_length
 from raptr_jax.data.vocab import load_vocabulary
 from raptr_jax.models import get_family, model_config
@@ -68,10 +68,13 @@ def budget_in_units(cfg) -> tuple[str, float]:
 def build_plan(cfg) -> plan_lib.Plan:
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
   unit, budget = budget_in_units(cfg)
-  if cfg.method.name == "raptr":
+  if cfg.method.name in ("raptr", "pld"):
     if cfg.model.family == "t5" and cfg.model.num_decoder_layers not in (0, cfg.model.num_layers):
-      raise ValueError("RaPTr on t5 draws one schedule for both stacks: give them the same depth")
-    stages = raptr.plan_stages(cfg.method.raptr, cfg.model.num_layers)
+      raise ValueError(f"{cfg.method.name} on t5 draws one schedule for both stacks: give them the same depth")
+    if cfg.method.name == "raptr":
+      stages = raptr.plan_stages(cfg.method.raptr, cfg.model)
+    else:
+      stages = pld.plan_stages(cfg.method.pld, cfg.model.num_layers)
     return plan_lib.Plan(stages, unit, budget, tokens_per_step)
   return plan_lib.baseline_plan(unit, budget, tokens_per_step)
 
@@ -121,6 +124,9 @@ def setup(cfg, need_costs: bool = True) -> Run:
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   s = cfg.schedule
   plan = build_plan(cfg)
+  stage_flops = flops_lib.StageFlops(cfg.model.family, mcfg, cfg.data.batch_size, cfg.data.seq_len,
+                                     target_length(cfg.data))
+  plan = dataclasses.replace(plan, layer_cost_share=stage_flops.layer_share)
   lr_fn = functools.partial(learning_rate, name=s.name, peak=s.peak, warmup=s.warmup, final=s.final,
                             decay_start=lr_decay_start(cfg, plan))
   ctx = step_lib.StepContext(graphdef, family.loss_fn, family.logits_fn, optimizer, lr_fn, mesh,
@@ -231,10 +237,8 @@ def train(cfg, workdir: str) -> dict:
   wall0, last = time.perf_counter() - wall_before, {}
   wall = lambda: time.perf_counter() - wall0  # wall-clock seconds of training, across resumes
   compiled = set(run.steps.compiled_shapes)
-  step_flops_of = functools.partial(flops_lib.family_train_flops, cfg.model.family, run.model_cfg,
-                                    cfg.data.batch_size, cfg.data.seq_len, target_length(cfg.data))
-  full_flops = step_flops_of()
-  stage_flops = {s.shape: step_flops_of(s.active_layers) for s in plan.stages}  # not per step
+  stage_flops = flops_lib.StageFlops(cfg.model.family, run.model_cfg, cfg.data.batch_size,
+                                     cfg.data.seq_len, target_length(cfg.data))
   hessian_interval = run.steps.ctx.optimizer.hessian_interval
   try:
     while progress < budget:
@@ -250,12 +254,12 @@ def train(cfg, workdir: str) -> dict:
       step += 1
       step_tokens = stage.tokens_per_step or plan.tokens_per_step
       tokens += step_tokens
-      charge = plan.charge(stage, hessian)
+      charge = plan.charge(stage, hessian, fraction)
+      step_flops = stage_flops(stage, fraction)
+      active = stage_flops.layers(stage, fraction)
       prev, progress = fraction, progress + charge
-      step_flops = stage_flops[stage.shape]
-      active = stage.active_layers or run.model_cfg.num_layers
       usage["layers"] += active
-      usage["flops"] += step_flops / full_flops
+      usage["flops"] += step_flops / stage_flops.full
       if (stage.shape, hessian) in compiled:
         timer.add(m, step_tokens, step_flops * (2 if hessian else 1))
       else:  # this step compiled: keep it out of the timings
@@ -276,7 +280,7 @@ def train(cfg, workdir: str) -> dict:
                "tokens": tokens, "wall_s": wall()} | timer.report(host["loss"])
         if plan.unit == "rst_seconds":
           row |= {"rst_s": progress, "rst_per_wall": progress / max(row["wall_s"], 1e-9)}
-        if len(plan.stages) > 1:  # subnetwork size now, its running average, FLOPs vs full model
+        if len(plan.stages) > 1 or stage.select is not None:  # subnetwork now, average, FLOPs vs full
           row |= {"subnetwork/layers": active, "subnetwork/avg_layers": usage["layers"] / step,
                   "flops/relative": usage["flops"] / step}
         row |= {k: v for k, v in host.items() if k.startswith("sophia/")}

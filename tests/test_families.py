@@ -238,11 +238,11 @@ def test_encoder_decoder_selections_act_per_stack():
   full = EncoderDecoderSelection(Selection(LayerSelection.full(3)), Selection(LayerSelection.full(2)))
   np.testing.assert_allclose(loss(params, full), loss(params, None), rtol=1e-6)
 
-  def first_layer_only(key, _):
+  def first_layer_only(key, _, progress=0.0):
     return Selection(LayerSelection(jnp.array([0], jnp.int32), jnp.ones(1)))
 
   for stacks in ("encoder", "decoder", "both"):
-    sel = for_stacks(first_layer_only, stacks)(jax.random.key(0), batch)
+    sel = for_stacks(first_layer_only, stacks)(jax.random.key(0), batch, 0.0)
     grads = jax.grad(loss)(params, sel)
     for stack, n in (("encoder_layers", 3), ("decoder_layers", 2)):
       acted = stacks in (stack.split("_")[0], "both")

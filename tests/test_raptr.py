@@ -75,7 +75,7 @@ def test_fixed_count_selection_keeps_fixed_layers_and_samples_the_rest_uniformly
   select = jax.jit(raptr.make_select(stage, 12))
   counts = np.zeros(12)
   for i in range(400):
-    sel = select(jax.random.key(i), None).layers
+    sel = select(jax.random.key(i), None, 0.0).layers
     idx = np.asarray(sel.indices)
     assert len(idx) == 6 and {0, 11} <= set(idx.tolist()) and np.all(np.diff(idx) > 0)
     np.testing.assert_allclose(sel.scales, raptr.sqrt_scales(idx, 12))
@@ -89,7 +89,7 @@ def test_bernoulli_selection_is_definition_2_2():
   select = jax.jit(raptr.make_select(stage, 8, scaling="sqrt", selection="bernoulli"))
   sizes = []
   for i in range(300):
-    scales = np.asarray(select(jax.random.key(i), None).layers.scales)
+    scales = np.asarray(select(jax.random.key(i), None, 0.0).layers.scales)
     kept = np.flatnonzero(scales > 0)
     assert 0 in kept
     np.testing.assert_allclose(scales[kept], raptr.sqrt_scales(kept, 8), rtol=1e-6)
@@ -99,7 +99,7 @@ def test_bernoulli_selection_is_definition_2_2():
 
 def test_grouped_selection_draws_consecutive_groups():
   stage = raptr.RaptrStage(p=0.5, fixed=(), length=1.0)
-  sel = raptr.make_select(stage, 8, selection="grouped", group=2)(jax.random.key(3), None).layers
+  sel = raptr.make_select(stage, 8, selection="grouped", group=2)(jax.random.key(3), None, 0.0).layers
   idx = np.asarray(sel.indices)
   assert len(idx) == 4 and all(idx[i] % 2 == 0 and idx[i + 1] == idx[i] + 1 for i in (0, 2))
 
@@ -112,7 +112,7 @@ def test_selected_subnetwork_loss_equals_explicit_forward_with_sqrt_scales():
   batch = {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:]), "weights": jnp.ones((2, 16)),
            "prefix": jnp.zeros((2, 16), jnp.int32), "segment_ids": jnp.ones((2, 16), jnp.int32),
            "positions": jnp.broadcast_to(jnp.arange(16), (2, 16))}
-  sel = raptr.make_select(raptr.RaptrStage(0.5, (0, 5), 1.0), 6)(jax.random.key(1), batch)
+  sel = raptr.make_select(raptr.RaptrStage(0.5, (0, 5), 1.0), 6)(jax.random.key(1), batch, 0.0)
   got = loss_fn(model, batch, sel)[0]
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   x = jnp.take(params["embedding"], batch["inputs"], axis=0)

@@ -18,13 +18,22 @@ by L/6, fixed set = first and last layer, Equal stage lengths, square-root outpu
   gathered from the stacked parameters inside the jitted step, so a stage compiles once and each
   parameter gets a gradient (exactly zero when unselected). ``grouped`` (the Appendix G remark)
   draws one subset for groups of ``group`` consecutive layers at a time. ``bernoulli`` is
-  Definition 2.2 exactly (each layer independently): its count varies per step, so it runs all
-  L layers with zero output scale for the dropped ones, one compile per stage at the cost of
-  full-model compute (use it to check the fixed-count approximation, not for speed).
+  Definition 2.2 exactly (each layer independently): its count varies per step, so the step
+  scans all L layers and skips the dropped ones with ``lax.cond`` (one compile per stage; the
+  dropped layers cost no FLOPs, but each layer is a separate kernel launch sequence, XLA cannot
+  fuse across the branch, and activation memory is reserved for all L layers).
 * Output scaling (Appendix J): ``sqrt`` (h_sqrt: a kept layer j is scaled by sqrt(j' - j), j' the
   next kept layer, L + 1 after the last, so the squared scales up to each kept layer sum to its
   depth), ``none``, or ``inverse_p`` (1/p_s on the non-fixed layers). Evaluation runs the full
   model with unit scales.
+* Width (Section 4.3), ``axis``: ``heads`` (Attention-RaPTr: each layer runs a random subset of
+  its N heads, growing across stages) or ``mlp`` (MLP-RaPTr: the hidden units split into
+  ``mlp_parts`` = 4 equal parts, each layer runs a random subset of them). Same schedule API,
+  counted in heads or parts (default: the recommended N/2, +N/6, 4 stages, rounded; no fixed
+  set). The layer's weights are gathered to the chosen heads / parts, so the matmuls shrink.
+  The paper does not say how width subnetworks are scaled; the default ``inverse_p`` multiplies
+  the narrowed branch by N / h (P / m), so its expectation is the full branch (dropout's
+  convention); ``none`` is the alternative.
 """
 import dataclasses
 import re
@@ -33,10 +42,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from raptr_jax.models.selection import LayerSelection, Selection
+from raptr_jax.models.selection import LayerSelection, Selection, WidthSelection
 
+AXES = ("depth", "heads", "mlp")
 LENGTH_MODES = ("equal", "proportional")
 SCALINGS = ("sqrt", "none", "inverse_p")
+WIDTH_SCALINGS = ("inverse_p", "none")
 SELECTIONS = ("fixed_count", "grouped", "bernoulli")
 
 
@@ -146,7 +157,8 @@ def stage_size(stage: RaptrStage, num_layers: int) -> int:
 
 def make_select(stage: RaptrStage, num_layers: int, scaling: str = "sqrt", selection: str = "fixed_count",
                 group: int = 1):
-  """``select(key, batch) -> Selection`` for one stage (None when the stage is the full model)."""
+  """``select(key, batch, progress) -> Selection`` for one stage (None when the stage is the
+  full model)."""
   L = num_layers
   if scaling not in SCALINGS or selection not in SELECTIONS:
     raise ValueError(f"RaPTr scaling must be one of {SCALINGS} and selection one of {SELECTIONS}")
@@ -164,7 +176,7 @@ def make_select(stage: RaptrStage, num_layers: int, scaling: str = "sqrt", selec
     return kept
 
   if selection == "bernoulli":
-    def select(key, batch):
+    def select(key, batch, progress):
       keep = jax.random.bernoulli(key, stage.p, (L,)) | jnp.isin(jnp.arange(L), fixed)
       idx = jnp.arange(L, dtype=jnp.int32)
       if scaling == "sqrt":  # next kept layer of each kept layer, over the kept ones only
@@ -173,7 +185,7 @@ def make_select(stage: RaptrStage, num_layers: int, scaling: str = "sqrt", selec
         scales = jnp.where(keep, jnp.sqrt((nxt - idx).astype(jnp.float32)), 0.0)
       else:
         scales = scales_of(idx, keep.astype(jnp.float32))
-      return Selection(layers=LayerSelection(idx, scales))
+      return Selection(layers=LayerSelection(idx, scales, active=keep))
     return select
 
   n_free = k - len(fixed)
@@ -184,11 +196,33 @@ def make_select(stage: RaptrStage, num_layers: int, scaling: str = "sqrt", selec
   else:
     group = 1
 
-  def select(key, batch):
+  def select(key, batch, progress):
     groups = jax.random.permutation(key, len(free) // group)[:n_free // group]
     chosen = (groups[:, None] * group + jnp.arange(group)[None]).reshape(-1)
     indices = jnp.sort(jnp.concatenate([jnp.asarray(fixed), jnp.asarray(free)[chosen]]))
     return Selection(layers=LayerSelection(indices.astype(jnp.int32), scales_of(indices, jnp.ones(k))))
+
+  return select
+
+
+def make_width_select(stage: RaptrStage, axis: str, units: int, num_layers: int,
+                      scaling: str = "inverse_p"):
+  """Attention-/MLP-RaPTr ``select`` for one stage: each of the ``num_layers`` layers draws
+  its own uniformly random ``stage_size`` of ``units`` heads (``axis="heads"``) or MLP parts
+  (``axis="mlp"``, ``units`` = parts); None when the stage runs full width."""
+  if axis not in AXES[1:] or scaling not in WIDTH_SCALINGS:
+    raise ValueError(f"width RaPTr axis must be one of {AXES[1:]} and its scaling one of {WIDTH_SCALINGS}")
+  k = stage_size(stage, units)
+  if k >= units:
+    return None
+  scale = units / k if scaling == "inverse_p" else 1.0
+
+  def select(key, batch, progress):
+    scores = jax.random.uniform(key, (num_layers, units))
+    kept = jnp.sort(jnp.argsort(scores, axis=1)[:, :k], axis=1).astype(jnp.int32)
+    if axis == "heads":
+      return Selection(width=WidthSelection(heads=kept, head_scale=scale))
+    return Selection(width=WidthSelection(mlp=kept, mlp_parts=units, mlp_scale=scale))
 
   return select
 
@@ -199,24 +233,69 @@ def relative_flops(stages, num_layers: int) -> float:
   return sum(s.average_layers(num_layers) * s.length for s in stages) / (num_layers * total)
 
 
-def plan_stages(raptr_cfg, num_layers: int):
-  """The plan stages (budget fractions, shapes, select functions) of a ``method.raptr`` config."""
+def axis_units(raptr_cfg, model_cfg) -> int:
+  """What the schedule counts: layers (depth), heads, or MLP parts."""
+  c, m = raptr_cfg, model_cfg
+  if c.axis not in AXES:
+    raise ValueError(f"method.raptr.axis must be one of {AXES}, got {c.axis!r}")
+  if c.axis == "depth":
+    return m.num_layers
+  if c.axis == "heads":
+    return m.num_heads
+  if c.mlp_parts < 1 or m.mlp_dim % c.mlp_parts:
+    raise ValueError(f"method.raptr.mlp_parts={c.mlp_parts} must divide model.mlp_dim={m.mlp_dim}")
+  return c.mlp_parts
+
+
+def _width_stages(c, units: int) -> list[RaptrStage]:
+  if c.selection != "fixed_count":
+    raise ValueError(f"width RaPTr (axis={c.axis!r}) draws a fixed count per layer; "
+                     f"method.raptr.selection={c.selection!r} is a depth option")
+  if c.stages:
+    stages = [RaptrStage(float(p), tuple(I), float(f)) for p, I, f in c.stages]
+    if any(s.fixed for s in stages):
+      raise ValueError(f"width RaPTr (axis={c.axis!r}) has no fixed set: give () as each stage's I")
+  else:
+    counts = parse_notation(c.schedule) if c.schedule else sorted(round(a) for a in recommended_lengths(units))
+    if any(a != round(a) for a in counts):
+      raise ValueError(f"width RaPTr counts whole {c.axis} per layer; schedule {c.schedule!r} is not integral")
+    stages = build_schedule(units, counts, (), 1.0, c.lengths, c.target_average, c.initial_full)
+  check_stages(stages, units, 1.0)
+  return stages
+
+
+def plan_stages(raptr_cfg, model_cfg):
+  """The plan stages (budget fractions, shapes, select functions) of a ``method.raptr`` config
+  for the ``model`` section ``model_cfg``."""
   from raptr_jax.plan import Stage  # pylint: disable=g-import-not-at-top
   c = raptr_cfg
-  fixed = tuple(int(i) for i in c.fixed)
-  if c.stages:
+  num_layers = model_cfg.num_layers
+  units = axis_units(c, model_cfg)
+  scaling = c.scaling if c.scaling != "auto" else ("sqrt" if c.axis == "depth" else "inverse_p")
+  if c.axis != "depth":
+    stages = _width_stages(c, units)
+  elif c.stages:
     stages = [RaptrStage(float(p), tuple(sorted(int(i) % num_layers for i in I)), float(f))
               for p, I, f in c.stages]
   else:
-    stages = build_schedule(num_layers, parse_notation(c.schedule) if c.schedule else None, fixed, 1.0,
-                            c.lengths, c.target_average, c.initial_full)
-  check_stages(stages, num_layers, 1.0)
+    stages = build_schedule(num_layers, parse_notation(c.schedule) if c.schedule else None,
+                            tuple(int(i) for i in c.fixed), 1.0, c.lengths, c.target_average, c.initial_full)
+  check_stages(stages, units, 1.0)
   out, end = [], 0.0
   for i, s in enumerate(stages):
     end += s.length
-    k = num_layers if c.selection == "bernoulli" else stage_size(s, num_layers)
-    select = make_select(s, num_layers, c.scaling, c.selection, c.group)
-    shape = ("full",) if select is None else ("raptr", k, s.fixed, round(s.p, 6), c.selection, c.scaling)
-    out.append(Stage(f"raptr{i + 1}:{s.average_layers(num_layers):g}/{num_layers}", min(end, 1.0),
-                     shape, select, active_layers=k if select is not None else None))
+    name = f"raptr{i + 1}:{s.average_layers(units):g}/{units}" + ("" if c.axis == "depth" else " " + c.axis)
+    if c.axis == "depth":
+      k = num_layers if c.selection == "bernoulli" else stage_size(s, num_layers)
+      select = make_select(s, num_layers, scaling, c.selection, c.group)
+      shape = ("raptr", k, s.fixed, round(s.p, 6), c.selection, scaling)
+      # Bernoulli: the count varies per step; FLOPs are counted at its expectation.
+      active = s.average_layers(num_layers) if c.selection == "bernoulli" else k
+      stage = Stage(name, min(end, 1.0), shape, select, active_layers=active)
+    else:
+      k = stage_size(s, units)
+      select = make_width_select(s, c.axis, units, num_layers, scaling)
+      width = {"num_heads": k} if c.axis == "heads" else {"mlp_dim": model_cfg.mlp_dim // units * k}
+      stage = Stage(name, min(end, 1.0), ("raptr", c.axis, k, units, scaling), select, width=width)
+    out.append(stage if select is not None else Stage(name, min(end, 1.0)))
   return tuple(out)

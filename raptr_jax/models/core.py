@@ -2,7 +2,8 @@
 
 Every parameter has a leading layer axis and a ``logical_axes`` annotation (``sharding.py`` maps
 those names to mesh axes). A ``Selection`` (selection.py) gathers a subset of layers and/or
-tokens; without one, the full stack runs. The same core is the decoder-only stack (causal), the
+tokens, switches layers off per step (``lax.cond``) or narrows each layer to some of its
+heads / MLP parts; without one, the full stack runs. The same core is the decoder-only stack (causal), the
 BERT / T5 encoder stack (bidirectional) and the T5 decoder stack (causal, with cross-attention
 to the encoder output); T5's relative-position bias table is shared by the layers of a stack,
 as in T5, so it is passed in rather than stacked.
@@ -63,21 +64,28 @@ class StackedLayers(nnx.Module):
       layer_sel = LayerSelection.full(self.num_layers)
     else:
       params = jax.tree.map(lambda p: jnp.take(p, layer_sel.indices, axis=0), params)
-    scales = layer_sel.scales
+    # What each run layer scans over: its params, scale, whether it runs, its width slices.
+    k = layer_sel.scales.shape[0]
+    width = selection.width if selection is not None else None
+    if width is not None:
+      for name in ("heads", "mlp"):
+        rows = getattr(width, name)
+        if rows is not None and rows.shape[0] != k:
+          raise ValueError(f"width selection has {name} for {rows.shape[0]} layers, but {k} layers run")
+    per_layer = (params, layer_sel.scales, layer_sel.active, width)
     rows = jnp.arange(x.shape[1])[None]
     attend = self._attend(positions, segment_ids, prefix, rows, relative_table, context,
                           context_segment_ids)
     if token_sel is None:
-      return self._scan(params, scales, x, attend)
+      return self._scan(per_layer, x, attend)
     a, b = token_sel.start, token_sel.start + token_sel.num_layers
-    k = scales.shape[0]
     if not 0 <= a < b <= k:
       raise ValueError(f"token selection covers selected layers [{a}, {b}) of {k}")
-    part = lambda lo, hi: jax.tree.map(lambda p: p[lo:hi], params)
-    x = self._scan(part(0, a), scales[:a], x, attend)
-    x = self._scan_dropped(part(a, b), scales[a:b], token_sel, x, positions, segment_ids, prefix,
+    part = lambda lo, hi: jax.tree.map(lambda p: p[lo:hi], per_layer)
+    x = self._scan(part(0, a), x, attend)
+    x = self._scan_dropped(part(a, b), token_sel, x, positions, segment_ids, prefix,
                            relative_table, context, context_segment_ids)
-    return self._scan(part(b, k), scales[b:], x, attend)
+    return self._scan(part(b, k), x, attend)
 
   def _attend(self, positions, segment_ids, prefix, rows, relative_table, context, context_segment_ids):
     cfg = self.cfg
@@ -97,22 +105,27 @@ class StackedLayers(nnx.Module):
       body = jax.checkpoint(body, policy=policy, prevent_cse=not self.cfg.scan_layers)
     return body
 
-  def _scan(self, params, scales, x, attend):
-    if scales.shape[0] == 0:
+  def _layer(self, body, layer, h, attend):
+    """One scanned layer; an inactive one (``active`` False) is skipped by ``lax.cond``."""
+    p, scale, active, width = layer
+    run = lambda h: body(p, h, attend.positions, attend.mask, scale, attend=attend, width=width)
+    if active is None:
+      return run(h)
+    return jax.lax.cond(active, run, lambda h: h, h)
+
+  def _scan(self, per_layer, x, attend):
+    count = per_layer[1].shape[0]
+    if count == 0:
       return x
     body = self._body()
-
-    def step(h, layer):
-      p, s = layer
-      return body(p, h, attend.positions, attend.mask, s, attend=attend), None
-
+    step = lambda h, layer: (self._layer(body, layer, h, attend), None)
     if self.cfg.scan_layers:
-      return jax.lax.scan(step, x, (params, scales))[0]
-    for i in range(scales.shape[0]):
-      x = step(x, jax.tree.map(lambda a: a[i], (params, scales)))[0]
+      return jax.lax.scan(step, x, per_layer)[0]
+    for i in range(count):
+      x = step(x, jax.tree.map(lambda a: a[i], per_layer))[0]
     return x
 
-  def _scan_dropped(self, params, scales, token_sel: TokenSelection, x, positions, segment_ids,
+  def _scan_dropped(self, per_layer, token_sel: TokenSelection, x, positions, segment_ids,
                     prefix, relative_table, context, context_segment_ids):
     """Layers that see only the selected tokens of each example; the rest pass through."""
     body = self._body()
@@ -123,12 +136,12 @@ class StackedLayers(nnx.Module):
     gather = jax.vmap(lambda a, i: jnp.take(a, i, axis=0))
     scatter = jax.vmap(lambda a, i, u: a.at[i].set(u))
 
-    def step(h, layer):
-      p, s, idx = layer
+    def step(h, layer_and_tokens):
+      layer, idx = layer_and_tokens
       pre = None if prefix is None else gather(prefix, idx)
       attend = self._attend(gather(positions, idx), gather(segment_ids, idx), pre, idx,
                             relative_table, context, context_segment_ids)
-      out = body(p, gather(h, idx), attend.positions, attend.mask, s, attend=attend)
+      out = self._layer(body, layer, gather(h, idx), attend)
       return scatter(h, idx, out), None
 
-    return jax.lax.scan(step, x, (params, scales, token_sel.indices))[0]
+    return jax.lax.scan(step, x, (per_layer, token_sel.indices))[0]

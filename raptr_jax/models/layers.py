@@ -132,20 +132,54 @@ def mlp(p, x, cfg):
   return jnp.einsum("btf,fd->btd", h, p["wo"].astype(dt))
 
 
-def block(p, x, positions, mask, scale, cfg, attend: AttentionInputs | None = None):
+def select_heads(p, heads):
+  """One layer's params narrowed to the attention heads ``heads`` [h] (self- and cross-attention)."""
+  out = dict(p)
+  for prefix in ("", "cross_"):
+    if prefix + "q" in p:
+      for name in ("q", "k", "v"):
+        out[prefix + name] = jnp.take(p[prefix + name], heads, axis=1)   # [d, h, head_dim]
+      out[prefix + "o"] = jnp.take(p[prefix + "o"], heads, axis=0)       # [h, head_dim, d]
+  return out
+
+
+def select_mlp_parts(p, parts, num_parts: int):
+  """One layer's MLP narrowed to ``parts`` [m] of its ``num_parts`` equal slices of hidden units."""
+  out = dict(p)
+  for name in ("wi", "wg"):
+    if name in p:
+      d, f = p[name].shape
+      out[name] = jnp.take(p[name].reshape(d, num_parts, f // num_parts), parts, axis=1).reshape(d, -1)
+  f, d = p["wo"].shape
+  out["wo"] = jnp.take(p["wo"].reshape(num_parts, f // num_parts, d), parts, axis=0).reshape(-1, d)
+  return out
+
+
+def block(p, x, positions, mask, scale, cfg, attend: AttentionInputs | None = None, width=None):
   """Pre-LN transformer block; every residual branch is multiplied by ``scale``.
 
   ``attend`` (when given) supplies the mask, relative bias, causality and cross-attention
-  context; ``positions``/``mask`` alone describe a causal decoder block."""
+  context; ``positions``/``mask`` alone describe a causal decoder block. ``width`` (a
+  ``WidthSelection`` of this layer) narrows attention to some heads and the MLP to some parts,
+  scaling those branches by its ``head_scale`` / ``mlp_scale``."""
   if attend is None:
     attend = AttentionInputs(positions, mask)
   scale = scale.astype(x.dtype)
+  attn_scale = mlp_scale = scale
+  bias = attend.bias
+  if width is not None and width.heads is not None:
+    p = select_heads(p, width.heads)
+    attn_scale = scale * width.head_scale
+    bias = None if bias is None else jnp.take(bias, width.heads, axis=1)
+  if width is not None and width.mlp is not None:
+    p = select_mlp_parts(p, width.mlp, width.mlp_parts)
+    mlp_scale = scale * width.mlp_scale
   h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
-  x = x + scale * attention(p, h, h, attend.positions, attend.mask, cfg, causal=attend.causal,
-                            bias=attend.bias)
+  x = x + attn_scale * attention(p, h, h, attend.positions, attend.mask, cfg, causal=attend.causal,
+                                 bias=bias)
   if attend.context is not None:
     h = rms_norm(x, p["cross_norm"], cfg.norm_eps)
-    x = x + scale * attention(p, h, attend.context, attend.positions, attend.context_mask, cfg,
-                              causal=False, prefix="cross_")
-  x = x + scale * mlp(p, rms_norm(x, p["mlp_norm"], cfg.norm_eps), cfg)
+    x = x + attn_scale * attention(p, h, attend.context, attend.positions, attend.context_mask, cfg,
+                                   causal=False, prefix="cross_")
+  x = x + mlp_scale * mlp(p, rms_norm(x, p["mlp_norm"], cfg.norm_eps), cfg)
   return x

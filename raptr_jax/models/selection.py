@@ -1,13 +1,21 @@
 """Selections: the only way a training method changes what the transformer core computes.
 
-A method builds a ``Selection`` inside the jitted step (indices sampled from the step's key) and
-passes it to the model; the full model is ``selection=None``. Static fields (counts, where token
+A method builds a ``Selection`` inside the jitted step (``select(key, batch, progress)``: indices
+sampled from the step's key; ``progress`` is the budget fraction, for time schedules such as
+progressive layer dropping) and passes it to the model; the full model is ``selection=None``. Static fields (counts, where token
 dropping starts) fix the compiled shape, so one compile serves a whole stage.
 
 * ``LayerSelection``: run k of the L stacked layers, ``indices`` sorted ascending, each layer's
   residual branches multiplied by its ``scales`` entry. The core gathers the stacked parameters
   by ``indices`` (RaPTr's linear-combination shared subnetwork, Appendix G); the gradient of a
-  gather is a scatter-add, so unselected layers receive exactly zero gradient.
+  gather is a scatter-add, so unselected layers receive exactly zero gradient. ``active`` [k]
+  bool (optional) makes the count dynamic: a layer whose entry is False is skipped by
+  ``lax.cond`` (no compute in the forward or backward pass; progressive layer dropping,
+  Bernoulli RaPTr).
+* ``WidthSelection``: per selected layer, ``heads`` [k, h] (h of the N attention heads, in
+  self- and cross-attention) and/or ``mlp`` [k, m] (m of the ``mlp_parts`` equal slices of the
+  MLP's hidden units). The block gathers those weight slices, so the matmuls really shrink;
+  the attention / MLP outputs are multiplied by ``head_scale`` / ``mlp_scale``.
 * ``TokenSelection``: for ``num_layers`` consecutive selected layers starting at selected-layer
   position ``start``, each example keeps ``r`` of its S positions (``indices`` [num_layers, B, r],
   sorted so causal and prefix masks stay valid); dropped positions pass through unchanged.
@@ -28,10 +36,26 @@ import jax.numpy as jnp
 class LayerSelection:
   indices: jax.Array   # [k] int32, ascending layer indices into the stack
   scales: jax.Array    # [k] float32, residual-branch output scale of each selected layer
+  active: jax.Array | None = None   # [k] bool: False = skip this layer (lax.cond); None = all run
 
   @staticmethod
   def full(num_layers: int) -> "LayerSelection":
     return LayerSelection(jnp.arange(num_layers, dtype=jnp.int32), jnp.ones(num_layers, jnp.float32))
+
+  def mask(self, num_layers: int) -> jax.Array:
+    """[num_layers] bool: the stack's layers this selection runs."""
+    run = True if self.active is None else self.active
+    return jnp.zeros((num_layers,), bool).at[self.indices].set(run)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class WidthSelection:
+  heads: jax.Array | None = None     # [k, h] int32, ascending head indices of each selected layer
+  mlp: jax.Array | None = None       # [k, m] int32, ascending MLP part indices of each layer
+  mlp_parts: int = dataclasses.field(default=1, metadata=dict(static=True))
+  head_scale: float = dataclasses.field(default=1.0, metadata=dict(static=True))
+  mlp_scale: float = dataclasses.field(default=1.0, metadata=dict(static=True))
 
 
 @jax.tree_util.register_dataclass
@@ -50,6 +74,7 @@ class TokenSelection:
 class Selection:
   layers: LayerSelection | None = None
   tokens: TokenSelection | None = None
+  width: WidthSelection | None = None
 
   def layer_selections(self, prefix: str = "") -> dict[str, LayerSelection]:
     return {} if self.layers is None else {prefix + "layers": self.layers}
@@ -74,15 +99,16 @@ STACK_CHOICES = ("encoder", "decoder", "both")
 
 
 def for_stacks(select, stacks: str = "both"):
-  """Turns a method's ``select(key, batch) -> Selection`` into one for an encoder-decoder model
-  acting on ``stacks`` ("encoder", "decoder" or "both": independent draws per stack)."""
+  """Turns a method's ``select(key, batch, progress) -> Selection`` into one for an
+  encoder-decoder model acting on ``stacks`` ("encoder", "decoder" or "both": independent draws
+  per stack)."""
   if stacks not in STACK_CHOICES:
     raise ValueError(f"model.select_stacks must be one of {STACK_CHOICES}, got {stacks!r}")
 
-  def select_both(key, batch):
+  def select_both(key, batch, progress):
     enc_key, dec_key = jax.random.split(key)
     return EncoderDecoderSelection(
-        encoder=select(enc_key, batch) if stacks in ("encoder", "both") else None,
-        decoder=select(dec_key, batch) if stacks in ("decoder", "both") else None)
+        encoder=select(enc_key, batch, progress) if stacks in ("encoder", "both") else None,
+        decoder=select(dec_key, batch, progress) if stacks in ("decoder", "both") else None)
 
   return select_both

@@ -50,15 +50,16 @@ def layer_activity(params, layer_indices, num_layers: int | None = None, stacked
   """Activity pytree for layer selections: the leaves of each selected stack get a [L] mask
   (True at the selected layers), every other leaf True.
 
-  ``layer_indices``: the indices into ``params[stacked_key]``, or a mapping
-  ``{stacked_key: indices}`` for models with several stacks (encoder-decoder)."""
+  ``layer_indices``: the indices into ``params[stacked_key]`` (or a bool [L] mask of them), or a
+  mapping ``{stacked_key: indices or mask}`` for models with several stacks (encoder-decoder)."""
   if not isinstance(layer_indices, dict):
     layer_indices = {stacked_key: layer_indices}
   out = {}
   for key, value in params.items():
     if key in layer_indices:
       L = num_layers or jax.tree.leaves(value)[0].shape[0]
-      mask = jnp.zeros((L,), bool).at[layer_indices[key]].set(True)
+      given = jnp.asarray(layer_indices[key])
+      mask = given if given.dtype == bool else jnp.zeros((L,), bool).at[given].set(True)
       out[key] = jax.tree.map(lambda _, m=mask: m, value)
     else:
       out[key] = jax.tree.map(lambda _: True, value)

@@ -12,7 +12,7 @@ from raptr_jax.methods import raptr
 from raptr_jax.metrics import read_metrics
 from raptr_jax.models import ModelConfig, build_model, encdec, get_family
 from raptr_jax.models.decoder import loss_fn
-from raptr_jax.models.selection import LayerSelection, Selection, WidthSelection
+from raptr_jax.models.selection import LayerSelection, Selection
 
 CFG = ModelConfig(vocab_size=128, d_model=32, num_layers=3, num_heads=4, head_dim=8, mlp_dim=64, dtype="float32")
 

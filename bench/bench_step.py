@@ -57,6 +57,25 @@ def bench_config(preset: str, overrides: list[str]):
   return apply_overrides(cfg, overrides)
 
 
+def time_step(step_fn, state, batch, warmup: int, steps: int, progress: float = 0.5):
+  """(state, compile seconds, per-step seconds, last metrics) of ``steps`` timed steps after
+  the compiling call and ``warmup`` untimed ones; every step draws its own selection key."""
+  t = time.perf_counter()
+  state, m = step_fn(state, batch, jax.random.key(0), jnp.float32(progress))
+  jax.block_until_ready(m)
+  compile_s = time.perf_counter() - t
+  for i in range(warmup):
+    state, m = step_fn(state, batch, jax.random.key(1 + i), jnp.float32(progress))
+  jax.block_until_ready(m)
+  times = []
+  for i in range(steps):
+    t = time.perf_counter()
+    state, m = step_fn(state, batch, jax.random.key(100 + i), jnp.float32(progress))
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t)
+  return state, compile_s, times, m
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--preset", default="350m", choices=sorted(PRESETS))
@@ -70,20 +89,7 @@ def main():
   step_fn = run.steps.train_step(run.plan.stages[0])
   batch = run.device_batch(synthetic_batch(cfg.data.batch_size, cfg.data.seq_len, run.model_cfg.vocab_size,
                                            family=cfg.model.family, target_len=cfg.data.target_len))
-  key = jax.random.key(0)
-  t = time.perf_counter()
-  state, m = step_fn(state, batch, key, jnp.float32(0.5))
-  jax.block_until_ready(m)
-  compile_s = time.perf_counter() - t
-  for _ in range(args.warmup):
-    state, m = step_fn(state, batch, key, jnp.float32(0.5))
-  jax.block_until_ready(m)
-  times = []
-  for _ in range(args.steps):
-    t = time.perf_counter()
-    state, m = step_fn(state, batch, key, jnp.float32(0.5))
-    jax.block_until_ready(m)
-    times.append(time.perf_counter() - t)
+  state, compile_s, times, m = time_step(step_fn, state, batch, args.warmup, args.steps)
   step_s = statistics.median(times)
   tokens = cfg.data.batch_size * cfg.data.seq_len
   flops = flops_lib.family_train_flops(cfg.model.family, run.model_cfg, cfg.data.batch_size, cfg.data.seq_len,

@@ -39,9 +39,8 @@ def apply_overrides(cfg, overrides=()):
   return cfg
 
 
-def load_config(config_arg: str, overrides=()):
-  """Config from ``path[:preset]`` plus ``section.field=value`` overrides (for tools that are
-  not absl programs: the RST calibration and the comparison runner), validated."""
+def import_config(config_arg: str):
+  """``get_config([preset])`` of the config file ``path[:preset]``."""
   import importlib.util  # pylint: disable=g-import-not-at-top
   path, _, preset = config_arg.partition(":")
   if not os.path.exists(path):
@@ -49,7 +48,13 @@ def load_config(config_arg: str, overrides=()):
   spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  cfg = apply_overrides(module.get_config(preset) if preset else module.get_config(), overrides)
+  return module.get_config(preset) if preset else module.get_config()
+
+
+def load_config(config_arg: str, overrides=()):
+  """Config from ``path[:preset]`` plus ``section.field=value`` overrides (for tools that are
+  not absl programs: the RST calibration and the comparison runner), validated."""
+  cfg = apply_overrides(import_config(config_arg), overrides)
   config_lib.validate(cfg)
   return cfg
 

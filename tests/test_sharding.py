@@ -47,12 +47,18 @@ def _run_tiny(workdir, devices, mesh, steps=6, extra=(), config="ul2"):
     return [json.loads(line) for line in f][1:]  # row 0 is the evaluation before training
 
 
-@pytest.mark.parametrize("config,optimizer", [("ul2", "adamw"), ("ul2", "sophia_g"), ("bert", "adamw"),
-                                              ("t5", "adamw")])
-def test_sharded_run_matches_single_device(tmp_path, config, optimizer):
+PLD = ("--config.method.name=pld", "--config.method.pld.gamma_f=5.0")
+HEADS = ("--config.method.name=raptr", "--config.method.raptr.axis=heads", "--config.method.raptr.schedule=1-2")
+
+
+@pytest.mark.parametrize("config,optimizer,method", [
+    ("ul2", "adamw", ()), ("ul2", "sophia_g", ()), ("bert", "adamw", ()), ("t5", "adamw", ()),
+    ("ul2", "adamw", PLD), ("t5", "adamw", HEADS)])
+def test_sharded_run_matches_single_device(tmp_path, config, optimizer, method):
   """The same tiny run on 1 device and on 8 fake devices (data=2, fsdp=2, tensor=2), for each
-  family; Sophia-G's GNB pass (sampled labels) every 2 steps included."""
-  extra = (f"--config.optimizer.name={optimizer}", "--config.optimizer.hessian_interval=2")
+  family; Sophia-G's GNB pass (sampled labels) every 2 steps included; layer dropping (cond) and
+  head selection (gathers of tensor-sharded weights) too."""
+  extra = (f"--config.optimizer.name={optimizer}", "--config.optimizer.hessian_interval=2", *method)
   single = _run_tiny(tmp_path / "one", 1, (1, 1, 1), extra=extra, config=config)
   sharded = _run_tiny(tmp_path / "eight", 8, (2, 2, 2), extra=extra, config=config)
   assert [r["step"] for r in single] == [r["step"] for r in sharded] == list(range(1, 7))

@@ -45,6 +45,7 @@ class StackedLayers(nnx.Module):
     if cfg.gated_mlp:
       specs["wg"] = ((L, d, f), ("layers", "embed", "mlp"), std)
     self.param_names = tuple(specs)
+    self.record_outputs = False  # diagnostics: sow every layer's output (nnx.Intermediate)
     for name, (shape, axes, s) in specs.items():
       setattr(self, name, logical_param(rngs.params(), shape, axes, s, cfg.params_dtype))
 
@@ -77,6 +78,10 @@ class StackedLayers(nnx.Module):
     attend = self._attend(positions, segment_ids, prefix, rows, relative_table, context,
                           context_segment_ids)
     if token_sel is None:
+      if self.record_outputs:  # y^(0..k): the stack's input and each run layer's output
+        out, ys = self._scan(per_layer, x, attend, collect=True)
+        self.sow(nnx.Intermediate, "layer_outputs", jnp.concatenate([x[None], ys]))
+        return out
       return self._scan(per_layer, x, attend)
     a, b = token_sel.start, token_sel.start + token_sel.num_layers
     if not 0 <= a < b <= k:
@@ -113,17 +118,25 @@ class StackedLayers(nnx.Module):
       return run(h)
     return jax.lax.cond(active, run, lambda h: h, h)
 
-  def _scan(self, per_layer, x, attend):
+  def _scan(self, per_layer, x, attend, collect: bool = False):
+    """Runs the layers; ``collect`` also returns every layer's output [k, B, T, d]."""
     count = per_layer[1].shape[0]
     if count == 0:
-      return x
+      return (x, jnp.zeros((0,) + x.shape, x.dtype)) if collect else x
     body = self._body()
-    step = lambda h, layer: (self._layer(body, layer, h, attend), None)
+
+    def step(h, layer):
+      h = self._layer(body, layer, h, attend)
+      return h, (h if collect else None)
+
     if self.cfg.scan_layers:
-      return jax.lax.scan(step, x, per_layer)[0]
+      x, ys = jax.lax.scan(step, x, per_layer)
+      return (x, ys) if collect else x
+    outs = []
     for i in range(count):
-      x = step(x, jax.tree.map(lambda a: a[i], per_layer))[0]
-    return x
+      x, y = step(x, jax.tree.map(lambda a: a[i], per_layer))
+      outs.append(y)
+    return (x, jnp.stack(outs)) if collect else x
 
   def _scan_dropped(self, per_layer, token_sel: TokenSelection, x, positions, segment_ids,
                     prefix, relative_table, context, context_segment_ids):

@@ -1,0 +1,1 @@
+"""Self-contained paper experiments (not language-model pretraining runs)."""

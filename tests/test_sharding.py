@@ -53,7 +53,8 @@ HEADS = ("--config.method.name=raptr", "--config.method.raptr.axis=heads", "--co
 
 @pytest.mark.parametrize("config,optimizer,method", [
     ("ul2", "adamw", ()), ("ul2", "sophia_g", ()), ("bert", "adamw", ()), ("t5", "adamw", ()),
-    ("ul2", "adamw", PLD), ("t5", "adamw", HEADS)])
+    ("ul2", "adamw", PLD), ("t5", "adamw", HEADS)],
+    ids=["ul2", "ul2-sophia_g", "bert", "t5", "ul2-pld", "t5-raptr_heads"])
 def test_sharded_run_matches_single_device(tmp_path, config, optimizer, method):
   """The same tiny run on 1 device and on 8 fake devices (data=2, fsdp=2, tensor=2), for each
   family; Sophia-G's GNB pass (sampled labels) every 2 steps included; layer dropping (cond) and

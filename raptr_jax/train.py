@@ -283,6 +283,9 @@ def train(cfg, workdir: str) -> dict:
         if len(plan.stages) > 1 or stage.select is not None:  # subnetwork now, average, FLOPs vs full
           row |= {"subnetwork/layers": active, "subnetwork/avg_layers": usage["layers"] / step,
                   "flops/relative": usage["flops"] / step}
+          if cfg.method.name == "raptr" and cfg.method.raptr.axis != "depth":  # heads / MLP width now
+            width = {"num_heads": run.model_cfg.num_heads, "mlp_dim": run.model_cfg.mlp_dim} | (stage.width or {})
+            row |= {f"subnetwork/{k}": v for k, v in width.items()}
         row |= {k: v for k, v in host.items() if k.startswith("sophia/")}
       if do_eval:
         row["eval/loss"] = evaluate(run, state.params, eval_batches)

@@ -152,6 +152,7 @@ def test_width_raptr_trains_one_compile_per_stage(tiny_config, tmp_path):
   out = train_lib.train(cfg, str(tmp_path))
   rows = [r for r in read_metrics(tmp_path) if "lr" in r]
   assert 0.6 < rows[-1]["flops/relative"] < 1.0 and np.isfinite(out["eval/loss"])
+  assert [r["subnetwork/num_heads"] for r in rows[::6]] == [2, 3, 4]
   cfg.optimizer.freeze_inactive = True
   with pytest.raises(ValueError, match="freeze_inactive"):
     train_lib.setup(cfg)

@@ -226,7 +226,7 @@ def test_train_step_freezes_unselected_layers_only_when_asked(freeze, tiny_confi
   run = train_lib.setup(cfg)
   assert run.steps.ctx.optimizer.freeze_inactive == freeze
   stage = plan_lib.Stage("top", 1.0, shape=("top",),
-                         select=lambda key, batch: Selection(layers=LayerSelection(jnp.array([1]), jnp.ones(1))))
+                         select=lambda key, batch, progress: Selection(layers=LayerSelection(jnp.array([1]), jnp.ones(1))))
   stream = pipeline.build_stream(cfg.data, "train", cfg.data.batch_size, 0, train=True)
   state = run.init()
   before = jax.device_get(state.params)["layers"]

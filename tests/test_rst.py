@@ -25,7 +25,7 @@ def test_plan_charges_each_stage_its_own_cost_and_stops_at_the_budget():
 
 
 def _two_stages(cfg):
-  half = lambda key, batch: Selection(layers=LayerSelection(jnp.array([1], jnp.int32), jnp.ones(1)))
+  half = lambda key, batch, progress: Selection(layers=LayerSelection(jnp.array([1], jnp.int32), jnp.ones(1)))
   stages = (plan_lib.Stage("half", 0.5, shape=("layers", 1), select=half, active_layers=1),
             plan_lib.Stage("full", 1.0))
   return plan_lib.Plan(stages, *train_lib.budget_in_units(cfg), cfg.data.batch_size * cfg.data.seq_len)

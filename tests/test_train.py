@@ -63,7 +63,7 @@ def test_tokens_budget_stops_at_the_budget(tiny_config, tmp_path):
 def test_each_stage_shape_compiles_once_and_stages_switch_on_the_clock(tiny_config, tmp_path, monkeypatch):
   traces = []
 
-  def half_depth(key, batch):
+  def half_depth(key, batch, progress):
     traces.append("half")
     return Selection(layers=LayerSelection(jnp.array([1], jnp.int32), jnp.ones(1)))
 

@@ -143,7 +143,7 @@ def main(argv=None):
     if step is None:
       raise ValueError(f"no checkpoint in {args.workdir}/checkpoints; train first (python -m raptr_jax.main "
                        f"--config={args.config} --workdir={args.workdir})")
-    state, _ = checkpointer.restore(step, run.abstract_state, train_lib._run_meta(cfg, run.model_cfg))
+    state, _ = checkpointer.restore(step, run.abstract_state, train_lib.run_meta(cfg, run.model_cfg))
     checkpointer.close()
     val = pipeline.build_stream(cfg.data, "validation", cfg.data.batch_size, cfg.seed, train=False)
     batches = [b for _, b in zip(range(args.batches), val)]

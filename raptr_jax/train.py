@@ -155,7 +155,8 @@ def evaluate(run: Run, params, batches) -> float:
   return float(total / jnp.maximum(count, 1.0))
 
 
-def _run_meta(cfg, mcfg) -> dict:
+def run_meta(cfg, mcfg) -> dict:
+  """What a checkpoint records of its run and must match to be restored under ``cfg``."""
   return {"model": dataclasses.asdict(mcfg), "optimizer": cfg.optimizer.name,
           "method": json.dumps(cfg.method.to_dict(), sort_keys=True, default=list),
           "batch_size": cfg.data.batch_size, "seq_len": cfg.data.seq_len, "unit": cfg.budget.unit}
@@ -189,7 +190,7 @@ def train(cfg, workdir: str) -> dict:
   stream = pipeline.build_stream(cfg.data, "train", cfg.data.batch_size, cfg.seed, train=True)
   val = pipeline.build_stream(cfg.data, "validation", cfg.data.batch_size, cfg.seed, train=False)
   eval_batches = [b for _, b in zip(range(cfg.eval.batches or 1 << 30), val)]
-  expected_meta = _run_meta(cfg, run.model_cfg)
+  expected_meta = run_meta(cfg, run.model_cfg)
 
   if lead:
     print(f"workdir {os.path.abspath(workdir)}: {plan.unit} budget {budget:g}, "

@@ -14,6 +14,7 @@ from raptr_jax.methods import pld
 from raptr_jax.metrics import read_metrics
 from raptr_jax.models import ModelConfig, build_model, layers
 from raptr_jax.models.decoder import loss_fn
+from raptr_jax.optim import layer_activity
 
 
 def _algorithm_2_keep_probabilities(t, T, L, alpha_bar, gamma_f):
@@ -123,3 +124,13 @@ def test_bad_pld_settings_are_config_errors(tiny_config):
     cfg.method.pld[field] = value
     with pytest.raises(ValueError, match=match):
       train_lib.build_plan(cfg)
+
+
+def test_freezing_follows_the_dropped_layers():
+  """optimizer.freeze_inactive under PLD: the activity mask is the step's kept layers."""
+  sel = pld.make_select(6, 0.2, 5.0)(jax.random.key(0), None, 0.9).layers
+  assert not bool(sel.active.all())
+  np.testing.assert_array_equal(sel.mask(6), sel.active)
+  active = layer_activity({"layers": {"w": jnp.zeros((6, 2))}, "head": jnp.zeros(3)}, {"layers": sel.mask(6)})
+  np.testing.assert_array_equal(active["layers"]["w"], sel.active)
+  assert active["head"] is True

@@ -16,7 +16,6 @@ import argparse
 import statistics
 
 from bench_step import PRESETS, bench_config, time_step
-from raptr_jax import flops as flops_lib
 from raptr_jax import train as train_lib
 from raptr_jax.data.pipeline import synthetic_batch
 
@@ -63,8 +62,7 @@ def main():
     state = run.init()
     batch = run.device_batch(synthetic_batch(cfg.data.batch_size, cfg.data.seq_len, run.model_cfg.vocab_size,
                                              family=cfg.model.family, target_len=cfg.data.target_len))
-    fl = flops_lib.StageFlops(cfg.model.family, run.model_cfg, cfg.data.batch_size, cfg.data.seq_len,
-                              cfg.data.target_len)
+    fl = run.stage_flops
     # (label, stage, budget fraction) to time; PLD also at 0, where it keeps every layer.
     pld_run = group.startswith("pld")
     points = ([("all kept", run.plan.stages[0], 0.0), (f"at {args.pld:g}", run.plan.stages[0], args.pld)]

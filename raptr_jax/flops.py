@@ -83,12 +83,9 @@ class StageFlops:
     self.cfg = cfg
     self._of = lambda c, layers=None: family_train_flops(family, c, batch, seq_len, target_len, layers)
     self.full = self._of(cfg)
+    # Share of a full step's FLOPs spent in the layers (the rest: embedding, head, loss).
+    self.layer_share = 1.0 - self._of(cfg, 0) / self.full
     self._static = {}
-
-  @property
-  def layer_share(self) -> float:
-    """Share of a full step's FLOPs spent in the layers (the rest: embedding, head, loss)."""
-    return 1.0 - self._of(self.cfg, 0) / self.full
 
   def layers(self, stage, fraction: float) -> float:
     """(Expected) layers a step of ``stage`` at budget ``fraction`` runs."""
@@ -98,7 +95,7 @@ class StageFlops:
 
   def __call__(self, stage, fraction: float) -> float:
     if stage.layer_fraction is not None:
-      return self.full - self.layer_share * self.full * (1.0 - stage.layer_fraction(fraction))
+      return self.full * (1.0 - self.layer_share * (1.0 - stage.layer_fraction(fraction)))
     if stage.shape not in self._static:
       cfg = dataclasses.replace(self.cfg, **(stage.width or {}))
       self._static[stage.shape] = self._of(cfg, stage.active_layers)

@@ -52,6 +52,7 @@ class Run:
   steps: step_lib.StepCache
   init: object
   abstract_state: object
+  stage_flops: flops_lib.StageFlops   # model FLOPs of a step of each plan stage
 
   def device_batch(self, batch):
     """This host's rows of a global numpy batch as global arrays on the mesh."""
@@ -133,7 +134,7 @@ def setup(cfg, need_costs: bool = True) -> Run:
                              shardings, mcfg.num_layers, family.batch_fields, packed=not synthetic,
                              wrap_select=lambda select: family.wrap_select(select, cfg.model))
   init_jit = jax.jit(init, out_shardings=shardings)
-  run = Run(cfg, mesh, mcfg, plan, step_lib.StepCache(ctx), init_jit, abstract)
+  run = Run(cfg, mesh, mcfg, plan, step_lib.StepCache(ctx), init_jit, abstract, stage_flops)
   if run.plan.unit == "rst_seconds" and need_costs:
     run.plan = plan_lib.with_step_costs(run.plan, rst.step_costs(cfg, run))
   return run
@@ -238,8 +239,7 @@ def train(cfg, workdir: str) -> dict:
   wall0, last = time.perf_counter() - wall_before, {}
   wall = lambda: time.perf_counter() - wall0  # wall-clock seconds of training, across resumes
   compiled = set(run.steps.compiled_shapes)
-  stage_flops = flops_lib.StageFlops(cfg.model.family, run.model_cfg, cfg.data.batch_size,
-                                     cfg.data.seq_len, target_length(cfg.data))
+  stage_flops = run.stage_flops
   hessian_interval = run.steps.ctx.optimizer.hessian_interval
   try:
     while progress < budget:

@@ -36,9 +36,9 @@ def check(theta_bar: float, gamma_f: float, scaling: str) -> None:
     raise ValueError(f"method.pld.scaling must be one of {SCALINGS}, got {scaling!r}")
 
 
-def theta(fraction, theta_bar: float, gamma_f: float):
-  """theta(t) at budget fraction t / T (Algorithm 2, line 5)."""
-  return (1.0 - theta_bar) * jnp.exp(-gamma_f * fraction) + theta_bar
+def theta(fraction, theta_bar: float, gamma_f: float, exp=jnp.exp):
+  """theta(t) at budget fraction t / T (Algorithm 2, line 5); ``exp=math.exp`` on the host."""
+  return (1.0 - theta_bar) * exp(-gamma_f * fraction) + theta_bar
 
 
 def keep_probabilities(fraction, num_layers: int, theta_bar: float, gamma_f: float):
@@ -49,7 +49,7 @@ def keep_probabilities(fraction, num_layers: int, theta_bar: float, gamma_f: flo
 
 def expected_layer_fraction(fraction, num_layers: int, theta_bar: float, gamma_f: float) -> float:
   """Expected share of layers a step runs at budget fraction t / T: mean_i p_i."""
-  t = (1.0 - theta_bar) * math.exp(-gamma_f * fraction) + theta_bar
+  t = theta(fraction, theta_bar, gamma_f, exp=math.exp)  # per training step: no device round trip
   return 1.0 - (1.0 - t) * (num_layers - 1) / (2.0 * num_layers)
 
 

@@ -259,7 +259,7 @@ def _width_stages(c, units: int) -> list[RaptrStage]:
     counts = parse_notation(c.schedule) if c.schedule else sorted(round(a) for a in recommended_lengths(units))
     if any(a != round(a) for a in counts):
       raise ValueError(f"width RaPTr counts whole {c.axis} per layer; schedule {c.schedule!r} is not integral")
-    stages = build_schedule(units, counts, (), 1.0, c.lengths, c.target_average, c.initial_full)
+    return build_schedule(units, counts, (), 1.0, c.lengths, c.target_average, c.initial_full)
   return stages
 
 

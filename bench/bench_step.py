@@ -20,7 +20,7 @@ from raptr_jax import flops as flops_lib
 from raptr_jax import train as train_lib
 from raptr_jax.config import base_config
 from raptr_jax.data.pipeline import synthetic_batch
-from raptr_jax.main import apply_overrides
+from raptr_jax.config import apply_overrides
 
 PRESETS = {
     # ~370M parameters: d=1024, 24 layers, 16 heads, MLP 4096, vocab 32k, seq 1024, batch 16.

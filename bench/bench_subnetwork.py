@@ -4,6 +4,7 @@
     python bench/bench_subnetwork.py --preset=tiny       # CPU smoke run
     python bench/bench_subnetwork.py --width             # also Attention-/MLP-RaPTr at half width
     python bench/bench_subnetwork.py --pld=0.5           # also PLD at a budget fraction (keep ~ theta(t))
+    python bench/bench_subnetwork.py --stacking          # also layer-stacking depths L/4, L/2 (views)
 
 Each variant is a stage of one plan (fixed-count k-of-L selections gathered from the stacked
 params inside the jitted step), timed on the same device, params and batch as the full model,
@@ -20,7 +21,7 @@ from raptr_jax import train as train_lib
 from raptr_jax.data.pipeline import synthetic_batch
 
 
-def variants(cfg, fractions, width: bool, pld_at: float | None):
+def variants(cfg, fractions, width: bool, pld_at: float | None, stacking: bool = False):
   """(name, config) pairs: one config per plan (depth stages share one, width axes one each)."""
   L = cfg.model.num_layers
   ks = sorted({max(1, round(f * L)) for f in fractions} - {L})
@@ -36,6 +37,13 @@ def variants(cfg, fractions, width: bool, pld_at: float | None):
       c.method.name = "raptr"
       c.method.raptr.update(axis=axis, schedule=f"{units // 2}-{units}", lengths="equal")
       out.append((axis, c))
+  if stacking:  # a depth-k stacking stage runs the k-layer view of the full parameters
+    c = cfg.copy_and_resolve_references()
+    depths = sorted({max(1, L // 4), max(1, L // 2)} - {L}) + [L]
+    c.method.name = "stacking"
+    c.method.stacking.update(depths=tuple(depths),
+                             grow_at=tuple((i + 1) / len(depths) for i in range(len(depths) - 1)))
+    out.append(("stacking", c))
   if pld_at is not None:
     c = cfg.copy_and_resolve_references()
     c.method.name = "pld"
@@ -49,6 +57,7 @@ def main():
   parser.add_argument("--fractions", default="0.5,0.6667", help="k / L of the depth subnetworks")
   parser.add_argument("--width", action="store_true", help="also heads / MLP parts at half width")
   parser.add_argument("--pld", type=float, default=None, help="also PLD at this budget fraction")
+  parser.add_argument("--stacking", action="store_true", help="also layer-stacking depths L/4 and L/2")
   parser.add_argument("--set", action="append", default=[], help="section.field=value override")
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--steps", type=int, default=10, help="timed steps per variant and round")
@@ -57,7 +66,7 @@ def main():
   base = bench_config(args.preset, args.set)
   fractions = [float(f) for f in args.fractions.split(",")]
   rows, full_s, group_full = [], None, None
-  for group, cfg in variants(base, fractions, args.width, args.pld):
+  for group, cfg in variants(base, fractions, args.width, args.pld, args.stacking):
     run = train_lib.setup(cfg)
     state = run.init()
     batch = run.device_batch(synthetic_batch(cfg.data.batch_size, cfg.data.seq_len, run.model_cfg.vocab_size,

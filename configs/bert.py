@@ -3,9 +3,12 @@
     python -m raptr_jax.main --config=configs/bert.py              # CPU-sized default, built-in corpus
     python -m raptr_jax.main --config=configs/bert.py:tiny         # seconds; what the tests run
     python -m raptr_jax.rst calibrate --config=configs/bert.py:crammed \\
-        --set data.source=c4 --set data.tfds_data_dir=DIR --set data.vocab_path=T5_SPM   # once per machine
+        data.source=c4 data.tfds_data_dir=DIR data.vocab_path=T5_SPM   # once per machine
     python -m raptr_jax.main --config=configs/bert.py:crammed \\
         --config.data.source=c4 --config.data.tfds_data_dir=DIR --config.data.vocab_path=T5_SPM
+    python -m raptr_jax.main --config=configs/bert.py:crammed_stacking \\
+        --config.data.source=c4 --config.data.tfds_data_dir=DIR --config.data.vocab_path=T5_SPM
+    python -m raptr_jax.main --config=configs/bert.py:msg --config.data.source=wikipedia_books ...   # or :lemon, :bert2bert
     python -m raptr_jax.main --config=configs/bert.py:raptr_base --config.data.source=wikipedia_books ...
 
 Presets:
@@ -17,9 +20,15 @@ Presets:
   b=(0.9, 0.98), eps 1e-12, weight decay 0.01, one-cycle LR peaking at 1e-3 half-way, gradient
   clipping 0.5, MLM 15% with sparse prediction, a 24-hour reference-system-time budget (the
   paper's longest; 6 and 12 via --config.budget.value). Needs an RST table: calibrate first.
+* ``crammed_stacking``: ``crammed`` with No Train No Gain's layer stacking (Section 4.1, C.1):
+  4 -> 8 -> 16 layers at 3 h and 7.2 h of the 24-hour budget (12.5% and 30%; any budget.value
+  keeps the fractions), each layer copied on top, new layers with fresh optimizer state.
 * ``raptr_base``: RaPTr Appendix D.4 BERT-base baseline: 12 layers, batch 256, 675k steps,
   10k warmup steps, peak 1e-4, linear decay to 0 (seq 128 is our choice; the appendix does not
   say). AdamW otherwise at our defaults.
+* ``msg``, ``lemon``, ``bert2bert``: RaPTr Table 2's depth-growth comparisons on that BERT-base,
+  300k steps, equal stage lengths: MSG 6-9-12 (mask ramp over 5000 steps, MSG's grow_time),
+  LEMON 6-9-12 (consecutive zero-output blocks), bert2BERT 3-6-12 (stacking).
 """
 from raptr_jax.config import base_config, tiny_preset
 from raptr_jax.optim.presets import apply_paper_optimizer
@@ -38,7 +47,7 @@ def get_config(preset: str = ""):
   c.checkpoint.every = 100
   if preset == "tiny":
     tiny_preset(c)
-  elif preset == "crammed":
+  elif preset in ("crammed", "crammed_stacking"):
     c.model.update(d_model=768, num_layers=16, num_heads=12, head_dim=64, mlp_dim=3072)
     c.data.update(seq_len=128, batch_size=1536)
     c.budget.unit, c.budget.value = "rst_hours", 24
@@ -47,7 +56,10 @@ def get_config(preset: str = ""):
     c.eval.update(every=0.05, batches=64)
     c.checkpoint.every = 2000
     c.log.every = 50
-  elif preset == "raptr_base":
+    if preset == "crammed_stacking":  # 4 -> 8 -> 16 layers at 3 h and 7.2 h of 24 h (12.5%, 30%)
+      c.method.name = "stacking"
+      c.method.stacking.update(depths=(4, 8, 16), grow_at=(0.125, 0.3), mode="stack", optimizer_state="fresh")
+  elif preset in ("raptr_base", "msg", "lemon", "bert2bert"):
     c.model.update(d_model=768, num_layers=12, num_heads=12, head_dim=64, mlp_dim=3072)
     c.data.update(seq_len=128, batch_size=256)
     c.budget.value = 675_000
@@ -55,6 +67,14 @@ def get_config(preset: str = ""):
     c.eval.update(every=0.02, batches=64)
     c.checkpoint.every = 10_000
     c.log.every = 100
+    if preset != "raptr_base":  # RaPTr Table 2: depth growth at 300k steps, equal stage lengths
+      c.budget.value = 300_000
+      c.schedule.warmup = 10_000 / 300_000
+      c.method.name = "growth"
+      c.method.growth.update(operator=preset, grow_at=(1 / 3, 2 / 3),
+                             num_layers=(3, 6, 12) if preset == "bert2bert" else (6, 9, 12),
+                             ramp=5000 / 300_000)  # MSG's grow_time: 5000 steps
   elif preset:
-    raise ValueError(f"unknown preset {preset!r} for configs/bert.py; use tiny, crammed, raptr_base or none")
+    raise ValueError(f"unknown preset {preset!r} for configs/bert.py; use tiny, crammed, crammed_stacking, "
+                     "raptr_base, msg, lemon, bert2bert or none")
   return c

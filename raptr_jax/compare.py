@@ -22,7 +22,7 @@ import sys
 import numpy as np
 
 from raptr_jax import rst
-from raptr_jax.main import load_config
+from raptr_jax.config import load_config
 from raptr_jax.metrics import read_metrics
 
 

@@ -2,8 +2,14 @@
 
 Config files (``configs/*.py``) start from ``base_config()`` and change fields; the CLI applies
 ``--config.a.b=value`` overrides on top. ``validate`` rejects fields that ``base_config`` does
-not define (a typo must not silently do nothing) and values that cannot work.
+not define (a typo must not silently do nothing) and values that cannot work, including each
+method's own checks. ``load_config("configs/x.py:preset", ["a.b=1"])`` is how library code and
+tools (RST calibration, the comparison runner, diagnostics, benchmarks) read a config file.
 """
+import ast
+import importlib.util
+import os
+
 import ml_collections
 from ml_collections.config_dict import placeholder
 
@@ -12,7 +18,6 @@ from raptr_jax.optim.schedules import check_schedule
 from raptr_jax.plan import UNITS
 
 DATA_SOURCES = ("builtin", "synthetic", "c4", "wikipedia_books", "minipile")
-METHODS = ("baseline", "raptr", "pld")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -56,7 +61,7 @@ def base_config() -> ml_collections.ConfigDict:
       rms_scaling=False, rms_min_scale=1e-3,  # lr x max(min_scale, RMS(param)) (T5 runs of NTNG)
       freeze_inactive=False)     # True: params a step leaves out keep params and moments
   c.method = dict(
-      name="baseline",           # baseline | raptr | pld
+      name="baseline",           # a name in methods.REGISTRY: baseline | raptr | pld
       raptr=dict(                # methods/raptr.py (RaPTr, Algorithm 1 and Appendices E, G, J)
           axis="depth",          # depth | heads | mlp (Section 4.3: Attention- / MLP-RaPTr)
           mlp_parts=4,           # axis=mlp: the MLP's hidden units in this many equal parts
@@ -75,7 +80,21 @@ def base_config() -> ml_collections.ConfigDict:
       pld=dict(                  # methods/pld.py (progressive layer dropping, NTNG Algorithm 2)
           theta_bar=0.5,         # final keep level of the time schedule
           gamma_f=100.0,         # gamma = gamma_f / budget (NTNG: 100 BERT, 20 T5)
-          scaling="inverse_p"))  # inverse_p: kept branches / p_i (Algorithm 2) | none
+          scaling="inverse_p"),  # inverse_p: kept branches / p_i (Algorithm 2) | none
+      stacking=dict(             # methods/stacking.py (Gong et al. 2019; No Train No Gain Alg. 1)
+          depths=(),             # e.g. (4, 8, 16); () = progressive doubling L/4 -> L/2 -> L
+          grow_at=(0.125, 0.3),  # budget fraction of each growth (NTNG: 3 h and 7.2 h of 24 h)
+          mode="stack",          # stack (i copies i - k) | interleave (A A B B) | top (gradual) |
+                                 # middle (MIDAS)
+          optimizer_state="fresh"),  # fresh (new layers: zero state) | copy (source's) | reset
+      growth=dict(               # methods/growth.py (MSG, bert2BERT, LEMON)
+          operator="msg",        # msg | bert2bert | lemon
+          num_layers=(), num_heads=(), mlp_dim=(), d_model=(),  # per-stage sizes; () = model's
+          grow_at=(),            # budget fraction of each growth
+          ramp=0.05,             # msg: budget fraction over which a new unit's mask goes 0 -> 1
+          depth_mode="",         # "" = operator's: msg top | bert2bert stack | lemon consecutive
+          lemon_noise=0.1,       # lemon: std of the random fan-in split, relative to std(W)
+          optimizer_state="fresh"))
   c.schedule = dict(name="cosine", peak=1e-3, warmup=0.05, final=0.1)
   c.eval = dict(every=0.25, batches=8, at_start=True)  # every: budget fraction; batches: 0 = whole split
   c.checkpoint = dict(every=200, keep=2, async_save=True)  # every: steps; 0 = only at the end
@@ -132,14 +151,6 @@ def validate(cfg) -> None:
         f"data.objective={cfg.data.objective!r} does not train model.family={cfg.model.family!r} "
         f"(it trains with {families[cfg.model.family]})"
         + (f"; {cfg.data.objective!r} is an objective of the {owner[0]!r} family" if owner else ""))
-  if cfg.method.name not in METHODS:
-    raise ValueError(f"method.name must be one of {METHODS}, got {cfg.method.name!r}")
-  if cfg.method.name == "raptr" and cfg.method.raptr.axis != "depth" and cfg.optimizer.freeze_inactive:
-    raise ValueError("optimizer.freeze_inactive freezes whole layers; width RaPTr "
-                     f"(method.raptr.axis={cfg.method.raptr.axis!r}) updates unselected heads/parts with "
-                     "their zero gradient: set optimizer.freeze_inactive=False")
-  if cfg.method.raptr.lr not in ("run", "paper"):
-    raise ValueError(f"method.raptr.lr must be 'run' or 'paper', got {cfg.method.raptr.lr!r}")
   if cfg.data.extra_ids < 0:
     raise ValueError(f"data.extra_ids must be >= 0, got {cfg.data.extra_ids}")
   if cfg.data.batch_size <= 0 or cfg.data.seq_len <= 8:
@@ -155,3 +166,45 @@ def validate(cfg) -> None:
       raise ValueError(f"checkpoint.{name} must be >= 0, got {cfg.checkpoint[name]}")
   if cfg.log.every <= 0:
     raise ValueError(f"log.every must be positive, got {cfg.log.every}")
+  from raptr_jax.methods import get_method  # pylint: disable=g-import-not-at-top  (methods import jax)
+  get_method(cfg.method.name, cfg).validate(cfg)
+
+
+def apply_overrides(cfg, overrides=()):
+  """Applies ``section.field=value`` strings (values parsed as Python literals when they are)."""
+  for item in overrides:
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise ValueError(f"override {item!r} is not section.field=value")
+    try:
+      value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      pass
+    *sections, field = key.removeprefix("config.").split(".")
+    node = cfg
+    for section in sections:
+      if section not in node:
+        raise ValueError(f"unknown config field {key!r}")
+      node = node[section]
+    if field not in node:
+      raise ValueError(f"unknown config field {key!r}")
+    node[field] = value
+  return cfg
+
+
+def import_config(config_arg: str):
+  """``get_config([preset])`` of the config file ``path[:preset]``."""
+  path, _, preset = config_arg.partition(":")
+  if not os.path.exists(path):
+    raise ValueError(f"config file {path!r} not found")
+  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(preset) if preset else module.get_config()
+
+
+def load_config(config_arg: str, overrides=()):
+  """Config from ``path[:preset]`` plus ``section.field=value`` overrides, validated."""
+  cfg = apply_overrides(import_config(config_arg), overrides)
+  validate(cfg)
+  return cfg

@@ -134,7 +134,7 @@ def main(argv=None):
   from raptr_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from raptr_jax import train as train_lib  # pylint: disable=g-import-not-at-top
   from raptr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from raptr_jax.main import load_config  # pylint: disable=g-import-not-at-top
+  from raptr_jax.config import load_config  # pylint: disable=g-import-not-at-top
   try:
     cfg = load_config(args.config, args.overrides)
     run = train_lib.setup(cfg, need_costs=False)

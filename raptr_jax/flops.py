@@ -74,8 +74,9 @@ def family_train_flops(family: str, cfg, batch: int, seq_len: int, target_len: i
 
 
 class StageFlops:
-  """Model FLOPs of one step of a plan stage: its active layers, its width (``stage.width``
-  overrides model fields such as ``num_heads``), and for a dynamic layer count (``stage.
+  """Model FLOPs of one step of a plan stage: its active layers, its architecture
+  (``stage.view`` and ``stage.width`` override model fields such as ``num_layers`` or
+  ``num_heads``), and for a dynamic layer count (``stage.
   layer_fraction``) the expected count at the step's budget fraction. Static stages are
   computed once."""
 
@@ -91,13 +92,13 @@ class StageFlops:
     """(Expected) layers a step of ``stage`` at budget ``fraction`` runs."""
     if stage.layer_fraction is not None:
       return self.cfg.num_layers * stage.layer_fraction(fraction)
-    return stage.active_layers or self.cfg.num_layers
+    return stage.active_layers or stage.model_fields().get("num_layers", self.cfg.num_layers)
 
   def __call__(self, stage, fraction: float) -> float:
     if stage.layer_fraction is not None:
       return self.full * (1.0 - self.layer_share * (1.0 - stage.layer_fraction(fraction)))
     if stage.shape not in self._static:
-      cfg = dataclasses.replace(self.cfg, **(stage.width or {}))
+      cfg = dataclasses.replace(self.cfg, **stage.model_fields())
       self._static[stage.shape] = self._of(cfg, stage.active_layers)
     return self._static[stage.shape]
 

@@ -16,49 +16,6 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. con
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (default: runs/<config>[-<preset>]).")
 
 
-def apply_overrides(cfg, overrides=()):
-  """Applies ``section.field=value`` strings (values parsed as Python literals when they are)."""
-  import ast  # pylint: disable=g-import-not-at-top
-  for item in overrides:
-    key, sep, value = item.partition("=")
-    if not sep:
-      raise ValueError(f"override {item!r} is not section.field=value")
-    try:
-      value = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      pass
-    *sections, field = key.removeprefix("config.").split(".")
-    node = cfg
-    for section in sections:
-      if section not in node:
-        raise ValueError(f"unknown config field {key!r}")
-      node = node[section]
-    if field not in node:
-      raise ValueError(f"unknown config field {key!r}")
-    node[field] = value
-  return cfg
-
-
-def import_config(config_arg: str):
-  """``get_config([preset])`` of the config file ``path[:preset]``."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  path, _, preset = config_arg.partition(":")
-  if not os.path.exists(path):
-    raise ValueError(f"config file {path!r} not found")
-  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(preset) if preset else module.get_config()
-
-
-def load_config(config_arg: str, overrides=()):
-  """Config from ``path[:preset]`` plus ``section.field=value`` overrides (for tools that are
-  not absl programs: the RST calibration and the comparison runner), validated."""
-  cfg = apply_overrides(import_config(config_arg), overrides)
-  config_lib.validate(cfg)
-  return cfg
-
-
 def default_workdir(config_arg: str) -> str:
   path, _, preset = config_arg.partition(":")
   name = os.path.splitext(os.path.basename(path))[0]

@@ -9,6 +9,11 @@
 * A **stage** ends at a budget fraction and has a static ``shape`` key: steps are compiled once
   per distinct key. ``select(key, batch, progress)`` (or None for the full model) builds the
   stage's ``Selection`` inside the jitted step from the step's PRNG key and budget fraction.
+  ``view`` (model fields, e.g. ``{"num_layers": 4}``) makes the stage run a smaller model whose
+  parameters are the leading slices of the full ones (stacking and growth: a depth-4 step
+  costs a depth-4 model); the parameters outside the view are neither used nor updated.
+  ``eval_select(progress)`` is the deterministic selection evaluation runs with (growth masks);
+  None: evaluation runs the stage's model unselected.
 * A stage whose expected layer count changes over the budget (progressive layer dropping)
   gives ``layer_fraction(budget fraction)``, the expected share of layers a step runs. It
   drives the FLOPs metrics and, on the RST clock, the charge: the stage is calibrated with every
@@ -31,6 +36,12 @@ class Stage:
   tokens_per_step: int | None = None      # charge for the tokens clock (None: batch x seq_len)
   layer_fraction: Callable | None = None  # budget fraction -> expected share of layers run
   width: dict | None = None               # model fields a step effectively has, e.g. {"num_heads": 6}
+  view: dict | None = None                # model fields of the smaller model this stage runs
+  eval_select: Callable | None = None     # progress -> Selection | None for evaluation
+
+  def model_fields(self) -> dict:
+    """Model fields a step of this stage effectively has (for FLOPs and metrics)."""
+    return {**(self.view or {}), **(self.width or {})}
 
 
 @dataclasses.dataclass(frozen=True)

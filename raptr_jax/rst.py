@@ -130,10 +130,10 @@ def step_costs(cfg, run) -> dict:
 
 def calibrate(cfg, steps: int = 10, warmup: int = 2, table: str | None = None, verbose: bool = True) -> dict:
   """Times every step kind of ``cfg``'s plan on this device and writes them into the table."""
-  from raptr_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  from raptr_jax import run as run_lib  # pylint: disable=g-import-not-at-top  (run builds jax state)
   from raptr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   path = table or table_path(cfg)
-  run = train_lib.setup(cfg, need_costs=False)
+  run = run_lib.setup(cfg)
   if cfg.data.source == "synthetic":
     sample = lambda: pipeline.synthetic_batch(cfg.data.batch_size, cfg.data.seq_len, run.model_cfg.vocab_size,
                                              family=cfg.model.family, target_len=cfg.data.target_len)
@@ -148,7 +148,8 @@ def calibrate(cfg, steps: int = 10, warmup: int = 2, table: str | None = None, v
   device = device_description()
   for kind, stage, hessian in step_kinds(run.plan, run.steps.ctx.optimizer.hessian_interval):
     if kind == "eval":
-      fn = lambda s, i: (s, run.steps.eval_step(s.params, batch))
+      evaluate = run.steps.eval_step(run.plan.stages[-1])
+      fn = lambda s, i: (s, evaluate(s.params, batch, jnp.float32(1.0)))
     else:
       step = run.steps.train_step(stage, hessian)
       # A dynamic layer count is timed with every layer running (the charge scales it down).
@@ -189,7 +190,7 @@ def main(argv=None):
   cal.add_argument("--warmup", type=int, default=2)
   cal.add_argument("overrides", nargs="*", help="config overrides as section.field=value")
   args = parser.parse_args(argv)
-  from raptr_jax.main import load_config  # pylint: disable=g-import-not-at-top
+  from raptr_jax.config import load_config  # pylint: disable=g-import-not-at-top
   try:
     cfg = load_config(args.config, args.overrides)
     calibrate(cfg, args.steps, args.warmup, args.table)

@@ -4,8 +4,16 @@
 fraction at the start of the step (it sets the LR and any time schedule of the selection);
 ``key`` is the step's PRNG key, from which a stage's ``select`` draws its layer/token/width
 selection, so one compiled step serves a whole stage.
+
+A stage with a ``view`` (stacking, growth) runs the smaller model whose parameters are the
+leading slices of the full parameter tree: its loss is a function of those slices only, so the
+step costs what the smaller model costs, and the parameters outside the view (layers not yet
+grown) are frozen: their values and optimizer state stay bit-identical (``optim.freeze_inactive``
+with box masks). The method's per-step hooks (``transform_batch``, ``transform_loss``,
+``transform_grads``) are applied here; the step never asks which method it runs.
 """
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -30,7 +38,8 @@ class TrainState:
 @dataclasses.dataclass(frozen=True)
 class StepContext:
   """Everything a step needs besides arrays: model structure, loss, optimizer, shardings."""
-  graphdef: Any
+  graphdef: Any             # the full model
+  view: Callable            # stage.view (dict | None) -> (graphdef, abstract view params | None)
   loss_fn: Callable
   logits_fn: Callable
   optimizer: Any            # raptr_jax.optim.Optimizer
@@ -41,6 +50,9 @@ class StepContext:
   batch_fields: tuple[str, ...]   # the batch arrays the family's loss reads
   packed: bool = True       # False: one causal row per example, no masks (benchmarks)
   wrap_select: Callable = lambda select: select  # family hook (t5: one selection per stack)
+  method: Any = None        # methods.Method: per-step batch / loss / gradient transforms
+  axes: Any = None          # logical axis names of each parameter (growth operators read them)
+  model_cfg: Any = None     # models.ModelConfig of the full model
 
   @property
   def tx(self):
@@ -84,30 +96,60 @@ def batch_shardings(mesh, fields):
   return {k: shd.batch_sharding(mesh) for k in fields}
 
 
-def make_train_step(ctx: StepContext, select: Callable | None, hessian: bool = False):
+def view_params(params, view_shapes):
+  """The leading slices of each parameter that make up a view's (smaller) model."""
+  if view_shapes is None:
+    return params
+  return jax.tree.map(lambda p, v: p if p.shape == v.shape else p[tuple(slice(0, n) for n in v.shape)],
+                      params, view_shapes)
+
+
+def view_activity(params, view_shapes):
+  """Activity masks for ``optim.freeze_inactive``: True inside each parameter's view box."""
+  def box(p, v):
+    if p.shape == v.shape:
+      return jnp.ones((), bool)
+    inside = [jax.lax.broadcasted_iota(jnp.int32, p.shape, axis) < n for axis, n in enumerate(v.shape)]
+    return functools.reduce(jnp.logical_and, inside)
+  return jax.tree.map(box, params, view_shapes)
+
+
+def make_train_step(ctx: StepContext, stage, hessian: bool = False):
   """The jitted step of a stage; ``hessian=True`` adds Sophia-G's GNB pass on its own batch:
   ``train_step(state, batch, key, progress, hessian_batch)``."""
   opt = ctx.optimizer
-  select = ctx.wrap_select(select) if select is not None else None
+  select = ctx.wrap_select(stage.select) if stage.select is not None else None
+  graphdef, view_shapes = ctx.view(stage.view)
+  model_of = lambda params: nnx.merge(graphdef, view_params(params, view_shapes))
+  method = ctx.method
+  loss_fn = ctx.loss_fn
+  if method is not None and method.transform_loss is not None:
+    loss_fn = method.transform_loss(loss_fn)
 
   def train_step(state: TrainState, batch, key, progress, hessian_batch=None):
+    if method is not None and method.transform_batch is not None:
+      batch = method.transform_batch(batch, jax.random.fold_in(key, 3), progress)
     selection = select(key, batch, progress) if select is not None else None
 
     def loss_of(params):
-      return ctx.loss_fn(nnx.merge(ctx.graphdef, params), batch, selection, ctx.packed)
+      return loss_fn(model_of(params), batch, selection, ctx.packed)
 
     (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+    if method is not None and method.transform_grads is not None:
+      grads = method.transform_grads(grads, state.params, jax.random.fold_in(key, 4), progress)
     extra = {}
     if hessian:
       hkey = jax.random.fold_in(key, 1)
       hsel = select(hkey, hessian_batch, progress) if select is not None else None
-      logits_of = lambda p: ctx.logits_fn(nnx.merge(ctx.graphdef, p), hessian_batch, hsel, ctx.packed)
+      logits_of = lambda p: ctx.logits_fn(model_of(p), hessian_batch, hsel, ctx.packed)
       extra["hessian_estimate"] = gnb_hessian_estimate(
           logits_of, state.params, jax.random.fold_in(key, 2), hessian_batch["weights"],
           opt.hessian_grad_clip)
     if opt.needs_obj_fn:
       extra["obj_fn"] = lambda p: loss_of(p)[0]
-    if opt.freeze_inactive and selection is not None and selection.layer_selections():
+    if view_shapes is not None:  # parameters outside the view (not yet grown) stay as they are
+      extra["active"] = view_activity(state.params, view_shapes)
+    elif opt.freeze_inactive and selection is not None and selection.layer_selections():
       extra["active"] = layer_activity(state.params, {
           k: s.mask(jax.tree.leaves(state.params[k])[0].shape[0])
           for k, s in selection.layer_selections().items()})
@@ -127,31 +169,55 @@ def make_train_step(ctx: StepContext, select: Callable | None, hessian: bool = F
                  donate_argnums=(0,))
 
 
-def make_eval_step(ctx: StepContext):
-  """Full-model (no selection) summed loss and token count of one batch."""
-  def eval_step(params, batch):
-    model = nnx.merge(ctx.graphdef, params)
-    _, aux = ctx.loss_fn(model, batch, None, ctx.packed)
+def make_eval_step(ctx: StepContext, stage=None):
+  """Summed loss and token count of one batch under the model a stage has (the full model, or
+  a stage's ``view`` with its ``eval_select`` masks): ``eval_step(params, batch, progress)``."""
+  view = stage.view if stage is not None else None
+  eval_select = stage.eval_select if stage is not None else None
+  if eval_select is not None:
+    eval_select = ctx.wrap_select(lambda key, batch, progress: stage.eval_select(progress))
+  graphdef, view_shapes = ctx.view(view)
+
+  def eval_step(params, batch, progress):
+    model = nnx.merge(graphdef, view_params(params, view_shapes))
+    selection = eval_select(jax.random.key(0), batch, progress) if eval_select is not None else None
+    _, aux = ctx.loss_fn(model, batch, selection, ctx.packed)
     return aux["loss_sum"], aux["loss_tokens"]
 
   repl = shd.replicated(ctx.mesh)
-  return jax.jit(eval_step, in_shardings=(ctx.state_shardings.params, batch_shardings(ctx.mesh, ctx.batch_fields)),
-                 out_shardings=(repl, repl))
+  return jax.jit(eval_step, in_shardings=(ctx.state_shardings.params, batch_shardings(ctx.mesh, ctx.batch_fields),
+                                          repl), out_shardings=(repl, repl))
+
+
+def eval_key(stage):
+  """Stages that evaluate the same model share one compiled eval step."""
+  if stage is None:
+    return None
+  view = tuple(sorted(stage.view.items())) if stage.view else None
+  return (view, stage.shape if stage.eval_select is not None else None)
 
 
 class StepCache:
-  """One compiled train step per distinct (stage shape, with or without a Hessian pass)."""
+  """One compiled train step per distinct (stage shape, with or without a Hessian pass), and
+  one eval step per distinct evaluated model."""
 
   def __init__(self, ctx: StepContext):
     self.ctx = ctx
     self._steps = {}
-    self.eval_step = make_eval_step(ctx)
+    self._evals = {}
 
   def train_step(self, stage, hessian: bool = False):
     key = (stage.shape, hessian)
     if key not in self._steps:
-      self._steps[key] = make_train_step(self.ctx, stage.select, hessian)
+      self._steps[key] = make_train_step(self.ctx, stage, hessian)
     return self._steps[key]
+
+  def eval_step(self, stage=None):
+    """``eval_step(params, batch, progress)`` of ``stage``'s model (None: the full model)."""
+    key = eval_key(stage)
+    if key not in self._evals:
+      self._evals[key] = make_eval_step(self.ctx, stage)
+    return self._evals[key]
 
   @property
   def compiled_shapes(self):

@@ -11,7 +11,6 @@ All randomness is a function of (seed, step) and the data stream's saved positio
 is killed and re-started with the same workdir reaches the same losses as one that was not.
 """
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -19,147 +18,38 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from flax import nnx
 
 from raptr_jax import checkpoint as ckpt_lib
 from raptr_jax import flops as flops_lib
 from raptr_jax import metrics as metrics_lib
 from raptr_jax import plan as plan_lib
 from raptr_jax import rst
-from raptr_jax import sharding as shd
-from raptr_jax import step as step_lib
-from raptr_jax.config import validate
-from raptr_jax.data import objectives, pipeline
-from raptr_jax.methods import pld, raptr
-from raptr_jax.data.corruption import mlm_max_predictions, target_length
-from raptr_jax.data.vocab import load_vocabulary
-from raptr_jax.models import get_family, model_config
-from raptr_jax.optim import build_optimizer, decay_mask, learning_rate
+from raptr_jax.data import pipeline
+from raptr_jax.run import Run, evaluate
+from raptr_jax.run import setup as build_run
 
 
 class TrainingError(RuntimeError):
   pass
 
 
-@dataclasses.dataclass
-class Run:
-  """Everything built from a config before the first step (also used by tests and tools)."""
-  cfg: object
-  mesh: jax.sharding.Mesh
-  model_cfg: object
-  plan: plan_lib.Plan
-  steps: step_lib.StepCache
-  init: object
-  abstract_state: object
-  stage_flops: flops_lib.StageFlops   # model FLOPs of a step of each plan stage
-
-  def device_batch(self, batch):
-    """This host's rows of a global numpy batch as global arrays on the mesh."""
-    return device_batch(batch, self.mesh, self.steps.ctx.batch_fields)
-
-
-def budget_in_units(cfg) -> tuple[str, float]:
-  """(clock unit, budget): RST budgets given in hours run on a clock in seconds."""
-  if cfg.budget.unit == "rst_hours":
-    return "rst_seconds", float(cfg.budget.value) * 3600.0
-  return cfg.budget.unit, float(cfg.budget.value)
-
-
-def build_plan(cfg) -> plan_lib.Plan:
-  tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-  unit, budget = budget_in_units(cfg)
-  if cfg.method.name in ("raptr", "pld"):
-    if cfg.model.family == "t5" and cfg.model.num_decoder_layers not in (0, cfg.model.num_layers):
-      raise ValueError(f"{cfg.method.name} on t5 draws one schedule for both stacks: give them the same depth")
-    if cfg.method.name == "raptr":
-      stages = raptr.plan_stages(cfg.method.raptr, cfg.model)
-    else:
-      stages = pld.plan_stages(cfg.method.pld, cfg.model.num_layers)
-    return plan_lib.Plan(stages, unit, budget, tokens_per_step)
-  return plan_lib.baseline_plan(unit, budget, tokens_per_step)
-
-
-def lr_decay_start(cfg, plan: plan_lib.Plan) -> float:
-  """RaPTr's paper LR: constant across stages, decaying over the final full-model stage."""
-  if cfg.method.name == "raptr" and cfg.method.raptr.lr == "paper" and len(plan.stages) > 1:
-    return plan.stages[-2].end
-  return 0.0
-
-
 def setup(cfg, need_costs: bool = True) -> Run:
-  """Builds a run; RST runs (unless ``need_costs=False``, as for calibration) read their step
-  costs from the calibration table."""
-  validate(cfg)
-  mesh = shd.make_mesh(cfg.mesh)
-  dp = shd.data_parallel_size(mesh)
-  if cfg.data.batch_size % dp:
-    raise ValueError(f"data.batch_size {cfg.data.batch_size} is not divisible by the data-parallel "
-                     f"size {dp} (mesh.data x mesh.fsdp); use a multiple of {dp}")
-  if cfg.data.batch_size % jax.process_count():
-    raise ValueError(f"data.batch_size {cfg.data.batch_size} is not divisible by the "
-                     f"{jax.process_count()} hosts")
-  synthetic = cfg.data.source == "synthetic"
-  vocab = None if synthetic else load_vocabulary(cfg.data.vocab_path, cfg.data.extra_ids)
-  if not (cfg.model.vocab_size or vocab):
-    raise ValueError("model.vocab_size must be set when the data source has no vocabulary")
-  derived = {}
-  if cfg.model.family == "bert":
-    derived["max_predictions"] = mlm_max_predictions(cfg.data.seq_len, cfg.data.mlm_rate,
-                                                     cfg.data.max_predictions)
-  if not synthetic:  # objective errors (lengths, sentinels) now, not in the data thread
-    objectives.build_objective(cfg.data.objective, vocab, cfg.data)
-  mcfg = model_config(cfg.model, vocab.vocab_size if vocab else 0, **derived)
-  family = get_family(cfg.model.family)
-  factory = lambda: family.module(mcfg, rngs=nnx.Rngs(params=cfg.seed))
-  graphdef, abstract_params = nnx.split(nnx.eval_shape(factory))
-  axes = shd.logical_axes_tree(abstract_params)
-  pure = nnx.to_pure_dict(abstract_params)
-  optimizer = build_optimizer(cfg.optimizer, mask=decay_mask(pure, axes))
-  if optimizer.hessian_interval and family.logits_fn is None:
-    raise ValueError(f"optimizer.name={cfg.optimizer.name!r} samples labels from the model's logits, "
-                     f"which model.family={cfg.model.family!r} does not expose; use adamw, lion or sophia_h")
-  init = step_lib.init_fn(factory, optimizer.tx)
-  abstract = jax.eval_shape(init)
-  shardings = step_lib.state_shardings(abstract, axes, mesh, optimizer.tx)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-  s = cfg.schedule
-  plan = build_plan(cfg)
-  stage_flops = flops_lib.StageFlops(cfg.model.family, mcfg, cfg.data.batch_size, cfg.data.seq_len,
-                                     target_length(cfg.data))
-  plan = dataclasses.replace(plan, layer_cost_share=stage_flops.layer_share)
-  lr_fn = functools.partial(learning_rate, name=s.name, peak=s.peak, warmup=s.warmup, final=s.final,
-                            decay_start=lr_decay_start(cfg, plan))
-  ctx = step_lib.StepContext(graphdef, family.loss_fn, family.logits_fn, optimizer, lr_fn, mesh,
-                             shardings, mcfg.num_layers, family.batch_fields, packed=not synthetic,
-                             wrap_select=lambda select: family.wrap_select(select, cfg.model))
-  init_jit = jax.jit(init, out_shardings=shardings)
-  run = Run(cfg, mesh, mcfg, plan, step_lib.StepCache(ctx), init_jit, abstract, stage_flops)
+  """``run.setup`` plus, for RST budgets (unless ``need_costs=False``), the step costs from the
+  calibration table."""
+  run = build_run(cfg)
   if run.plan.unit == "rst_seconds" and need_costs:
     run.plan = plan_lib.with_step_costs(run.plan, rst.step_costs(cfg, run))
   return run
 
 
-def device_batch(batch, mesh, fields):
-  """Puts this host's rows of a global numpy batch onto the mesh as global arrays."""
-  local = pipeline.host_rows(batch, jax.process_index(), jax.process_count())
-  sharding = shd.batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(local[k]))
-          for k in fields}
-
-
-def evaluate(run: Run, params, batches) -> float:
-  total, count = 0.0, 0.0
-  for batch in batches:
-    s, c = run.steps.eval_step(params, run.device_batch(batch))
-    total, count = total + s, count + c
-  return float(total / jnp.maximum(count, 1.0))
-
-
 def run_meta(cfg, mcfg) -> dict:
-  """What a checkpoint records of its run and must match to be restored under ``cfg``."""
+  """What a checkpoint records of its run and must match to be restored under ``cfg``: the
+  model, optimizer, batch shape, budget unit and the run's method with its own options (a
+  changed growth schedule is refused on resume)."""
+  from raptr_jax.methods import get_method  # pylint: disable=g-import-not-at-top
+  method = get_method(cfg.method.name).meta(cfg)
   return {"model": dataclasses.asdict(mcfg), "optimizer": cfg.optimizer.name,
-          "method": json.dumps(cfg.method.to_dict(), sort_keys=True, default=list),
+          "method": json.dumps(method, sort_keys=True, default=list),
           "batch_size": cfg.data.batch_size, "seq_len": cfg.data.seq_len, "unit": cfg.budget.unit}
 
 
@@ -201,9 +91,17 @@ def train(cfg, workdir: str) -> dict:
   if start is None:
     state, progress, step, tokens, wall_before = run.init(), 0.0, 0, 0, 0.0
     usage = {"layers": 0.0, "flops": 0.0}
+    state_stage = 0  # the plan stage whose model the train state holds (growth changes it)
   else:
     state, meta = checkpointer.restore(start, run.abstract_state, expected_meta)
     progress, step, tokens = float(meta["progress"]), int(meta["step"]), int(meta["tokens"])
+    state_stage = int(meta.get("stage", plan.stage_index(progress / budget)))
+    if state_stage > plan.stage_index(progress / budget):
+      raise TrainingError(
+          f"checkpoint {checkpointer.directory}/{step} holds the model of stage {state_stage} "
+          f"({plan.stages[min(state_stage, len(plan.stages) - 1)].name}), but at budget.value={cfg.budget.value:g} "
+          f"its progress lies in stage {plan.stage_index(progress / budget)}: a changed budget moves "
+          "the stage boundaries of this run. Resume with the budget that wrote it, or use a fresh --workdir.")
     wall_before = float(meta.get("wall_s", 0.0))
     usage = dict(meta.get("usage", {"layers": 0.0, "flops": 0.0}))
     stream.set_state(meta["data"])
@@ -224,10 +122,10 @@ def train(cfg, workdir: str) -> dict:
   def save(step, state, progress, tokens):
     checkpointer.save(step, state, expected_meta | {
         "step": step, "progress": progress, "tokens": tokens, "wall_s": wall(), "usage": dict(usage),
-        "data": batches.get_state()})
+        "stage": state_stage, "data": batches.get_state()})
 
   if start is None and cfg.eval.at_start:
-    initial = evaluate(run, state.params, eval_batches)
+    initial = evaluate(run, state.params, eval_batches, plan.stages[0], 0.0)
     writer.write(0, {"progress": 0.0, "progress_units": 0.0, "tokens": 0, "eval/loss": initial})
     if lead:
       print(f"step 0: eval/loss {initial:.4f}")
@@ -241,11 +139,15 @@ def train(cfg, workdir: str) -> dict:
   compiled = set(run.steps.compiled_shapes)
   stage_flops = run.stage_flops
   hessian_interval = run.steps.ctx.optimizer.hessian_interval
+  width_keys = sorted({k for st in plan.stages for k in st.model_fields()} - {"num_layers", "num_decoder_layers"})
   try:
     while progress < budget:
       fraction = progress / budget
       stage_index = plan.stage_index(fraction)
       stage = plan.stages[stage_index]
+      if stage_index != state_stage:  # a stage boundary: the method may transform the state
+        state = run.transition(state, state_stage, stage_index)
+        state_stage = stage_index
       key = jax.random.fold_in(base_key, step)
       args = (state, run.device_batch(batches.next_batch()), key, jnp.float32(fraction))
       hessian = bool(hessian_interval) and step % hessian_interval == hessian_interval - 1  # Sophia-G
@@ -284,12 +186,12 @@ def train(cfg, workdir: str) -> dict:
         if len(plan.stages) > 1 or stage.select is not None:  # subnetwork now, average, FLOPs vs full
           row |= {"subnetwork/layers": active, "subnetwork/avg_layers": usage["layers"] / step,
                   "flops/relative": usage["flops"] / step}
-          if cfg.method.name == "raptr" and cfg.method.raptr.axis != "depth":  # heads / MLP width now
-            width = {"num_heads": run.model_cfg.num_heads, "mlp_dim": run.model_cfg.mlp_dim} | (stage.width or {})
-            row |= {f"subnetwork/{k}": v for k, v in width.items()}
+          fields = stage.model_fields()  # width now (heads, MLP, hidden size) where stages vary it
+          row |= {f"subnetwork/{k}": fields.get(k, getattr(run.model_cfg, k)) for k in width_keys}
+        row |= run.method.metrics(stage, fraction)
         row |= {k: v for k, v in host.items() if k.startswith("sophia/")}
       if do_eval:
-        row["eval/loss"] = evaluate(run, state.params, eval_batches)
+        row["eval/loss"] = evaluate(run, state.params, eval_batches, plan.stages[state_stage], fraction)
         if lead:
           bar.write(f"step {step}: eval/loss {row['eval/loss']:.4f} ({fraction:.0%} of the budget)")
         timer.skip()

@@ -17,7 +17,9 @@ def comparison_file(tmp_path):
         return dict(config="configs/ul2.py:tiny",
                     common=["budget.unit=rst_seconds", "budget.rst_table={tmp_path / 'table.json'}",
                             "eval.every=0.5", "log.every=2", "log.tensorboard=False"],
-                    methods={{"adamw": ["optimizer.name=adamw"], "lion": ["optimizer.name=lion"]}},
+                    methods={{"adamw": ["optimizer.name=adamw"],
+                             "stacking": ["method.name=stacking", "method.stacking.depths=(1, 2)",
+                                          "method.stacking.grow_at=(0.4,)"]}},
                     seeds=[0, 1], budgets=[0.3])
       """))
   return str(path)
@@ -29,13 +31,13 @@ def test_comparison_writes_tables_and_plots_and_resumes(comparison_file, tmp_pat
   assert os.path.exists(tmp_path / "table.json")  # missing step kinds were calibrated first
   with open(os.path.join(workdir, "results.csv")) as f:
     rows = list(csv.DictReader(f))
-  assert [(r["method"], r["seeds"]) for r in rows] == [("adamw", "2"), ("lion", "2")]
+  assert [(r["method"], r["seeds"]) for r in rows] == [("adamw", "2"), ("stacking", "2")]
   for r in rows:  # mean +- std of the per-seed final losses
     finals = [compare.final_losses(read_metrics(compare.run_dir(workdir, 0.3, r["method"], s))) for s in (0, 1)]
     val = np.asarray(finals)[:, 1]
     assert float(r["val_mean"]) == pytest.approx(val.mean())
     assert float(r["val_std"]) == pytest.approx(val.std(ddof=1))
-  assert "| 0.3 | lion | 2 |" in open(os.path.join(workdir, "results.md")).read()
+  assert "| 0.3 | stacking | 2 |" in open(os.path.join(workdir, "results.md")).read()
   assert os.path.getsize(os.path.join(workdir, "loss_vs_rst_0.3.png")) > 10_000
   capsys.readouterr()
   compare.main([f"--config={comparison_file}", f"--workdir={workdir}"])  # everything is done already

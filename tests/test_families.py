@@ -11,6 +11,7 @@ from raptr_jax import config as config_lib
 from raptr_jax import train as train_lib
 from raptr_jax.config import base_config
 from raptr_jax.data import corruption, objectives, packing
+from raptr_jax.data import build
 from raptr_jax.data.vocab import EOS_ID, load_vocabulary
 from raptr_jax.models import (EncoderDecoderSelection, LayerSelection, ModelConfig, Selection, build_model,
                               for_stacks, layers)
@@ -43,7 +44,7 @@ def test_t5_span_lengths_match_t5_defaults():
 def test_span_corruption_gives_exact_lengths_and_reconstructs(vocab):
   cfg = base_config().data
   cfg.update(objective="span_corruption", seq_len=128)
-  obj = objectives.build_objective("span_corruption", vocab, cfg)
+  obj = build.build_objective("span_corruption", vocab, cfg)
   assert obj.chunk_length == 141 and [g.length for g in obj.groups] == [128, 29]
   tokens = np.arange(10, 10 + 141, dtype=np.int32)
   for i in range(20):
@@ -91,7 +92,7 @@ def test_mlm_masks_exactly_rate_with_80_10_10(vocab):
 def test_mlm_rows_never_hold_more_predictions_than_the_sparse_head(vocab):
   cfg = base_config().data
   cfg.update(objective="mlm", seq_len=64, batch_size=8)
-  obj = objectives.build_objective("mlm", vocab, cfg)
+  obj = build.build_objective("mlm", vocab, cfg)
   packer = packing.RowPacker(obj.groups, obj.max_row_weight)
   rng = np.random.default_rng(0)
   total = 0

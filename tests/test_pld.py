@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from raptr_jax import plan as plan_lib
+from raptr_jax import run as run_lib
 from raptr_jax import train as train_lib
 from raptr_jax.methods import pld
 from raptr_jax.metrics import read_metrics
@@ -123,7 +124,7 @@ def test_bad_pld_settings_are_config_errors(tiny_config):
     cfg = tiny_config.copy_and_resolve_references()
     cfg.method.pld[field] = value
     with pytest.raises(ValueError, match=match):
-      train_lib.build_plan(cfg)
+      run_lib.build_plan(cfg)
 
 
 def test_freezing_follows_the_dropped_layers():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from raptr_jax.experiments import polynomial
-from raptr_jax.main import import_config
+from raptr_jax.config import import_config
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "polynomial.py")
 

@@ -162,3 +162,33 @@ def test_raptr_run_has_one_shape_per_stage_logs_usage_and_uses_the_paper_lr(tiny
   mid = [r["lr"] for r in rows if 0.1 < r["progress"] - 1 / 24 < 0.75]  # lr is set at the step's start
   np.testing.assert_allclose(mid, peak, rtol=1e-6)  # constant across the subnetwork stages
   assert rows[-1]["lr"] < 0.2 * peak  # decayed in the final full-model stage
+
+
+def test_initial_full_phase_runs_with_shifted_boundaries(tiny_config, tmp_path):
+  """Appendix E / D.5: a full-model phase first; every boundary shifts by its length and the
+  final full stage is shortened by as much."""
+  from raptr_jax import run as run_lib
+  cfg = tiny_config
+  cfg.model.num_layers = 12
+  cfg.method.name = "raptr"
+  cfg.method.raptr.update(schedule="6-8-10-12", initial_full=0.1)
+  plan = run_lib.build_plan(cfg)
+  assert [s.end for s in plan.stages] == pytest.approx([0.1, 0.35, 0.6, 0.85, 1.0])
+  assert plan.stages[0].select is None and plan.stages[-1].select is None
+  assert [s.active_layers for s in plan.stages[1:4]] == [6, 8, 10]
+  cfg.model.num_layers, cfg.budget.value = 4, 10
+  cfg.method.raptr.schedule = ""
+  out = train_lib.train(cfg, str(tmp_path))
+  assert out["step"] == 10
+
+
+@pytest.mark.parametrize("depth", [2, 3, 4, 5])
+def test_the_default_schedule_is_valid_at_every_small_depth(tiny_config, depth):
+  from raptr_jax import run as run_lib
+  from raptr_jax.config import validate
+  cfg = tiny_config
+  cfg.model.num_layers = depth
+  cfg.method.name = "raptr"
+  validate(cfg)
+  plan = run_lib.build_plan(cfg)
+  assert plan.stages[-1].select is None and len(plan.stages) == 4

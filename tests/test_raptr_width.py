@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from raptr_jax import flops as flops_lib
+from raptr_jax import run as run_lib
 from raptr_jax import train as train_lib
 from raptr_jax.methods import raptr
 from raptr_jax.metrics import read_metrics
@@ -113,10 +114,10 @@ def test_width_plans_default_schedules_and_flops(tiny_config):
   cfg.model.update(num_heads=6, head_dim=16, mlp_dim=128)
   cfg.method.name = "raptr"
   cfg.method.raptr.axis = "heads"
-  plan = train_lib.build_plan(cfg)
+  plan = run_lib.build_plan(cfg)
   assert [s.width for s in plan.stages] == [{"num_heads": 3}, {"num_heads": 4}, {"num_heads": 5}, None]
   cfg.method.raptr.update(axis="mlp", schedule="1-2-3-4")
-  plan = train_lib.build_plan(cfg)
+  plan = run_lib.build_plan(cfg)
   assert [s.width for s in plan.stages] == [{"mlp_dim": 32}, {"mlp_dim": 64}, {"mlp_dim": 96}, None]
   run = train_lib.setup(cfg)
   fl = flops_lib.StageFlops("decoder", run.model_cfg, 8, 64)
@@ -138,7 +139,7 @@ def test_bad_width_settings_are_rejected(tiny_config, change, match):
   cfg.method.name = "raptr"
   cfg.method.raptr.update(change)
   with pytest.raises(ValueError, match=match):
-    train_lib.build_plan(cfg)
+    run_lib.build_plan(cfg)
 
 
 def test_width_raptr_trains_one_compile_per_stage(tiny_config, tmp_path):

@@ -5,10 +5,12 @@ import pytest
 
 from raptr_jax import plan as plan_lib
 from raptr_jax import rst
+from raptr_jax import run as run_lib
 from raptr_jax import train as train_lib
 from raptr_jax.metrics import read_metrics
 from raptr_jax.models import LayerSelection, Selection
 from raptr_jax.optim import learning_rate
+from conftest import register_method
 
 
 def test_plan_charges_each_stage_its_own_cost_and_stops_at_the_budget():
@@ -26,15 +28,15 @@ def test_plan_charges_each_stage_its_own_cost_and_stops_at_the_budget():
 
 def _two_stages(cfg):
   half = lambda key, batch, progress: Selection(layers=LayerSelection(jnp.array([1], jnp.int32), jnp.ones(1)))
-  stages = (plan_lib.Stage("half", 0.5, shape=("layers", 1), select=half, active_layers=1),
-            plan_lib.Stage("full", 1.0))
-  return plan_lib.Plan(stages, *train_lib.budget_in_units(cfg), cfg.data.batch_size * cfg.data.seq_len)
+  return (plan_lib.Stage("half", 0.5, shape=("layers", 1), select=half, active_layers=1),
+          plan_lib.Stage("full", 1.0))
 
 
 @pytest.fixture
 def rst_config(tiny_config, tmp_path, monkeypatch):
-  monkeypatch.setattr(train_lib, "build_plan", _two_stages)
+  register_method(monkeypatch, "two_stages", _two_stages)
   cfg = tiny_config
+  cfg.method.name = "two_stages"
   cfg.budget.update(unit="rst_seconds", value=3.0, rst_table=str(tmp_path / "table.json"))
   cfg.schedule.update(name="one_cycle", warmup=0.5, final=0.0, peak=1e-3)
   cfg.log.every, cfg.eval.every = 1, 0.5
@@ -105,4 +107,4 @@ def test_missing_entries_and_free_hessian(rst_config, tmp_path):
 
 def test_rst_hours_are_seconds_on_the_clock(tiny_config):
   tiny_config.budget.update(unit="rst_hours", value=0.5)
-  assert train_lib.budget_in_units(tiny_config) == ("rst_seconds", 1800.0)
+  assert run_lib.budget_in_units(tiny_config) == ("rst_seconds", 1800.0)

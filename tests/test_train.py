@@ -12,7 +12,7 @@ from raptr_jax import train as train_lib
 from raptr_jax.checkpoint import CheckpointError
 from raptr_jax.metrics import read_metrics
 from raptr_jax.models import LayerSelection, Selection
-from conftest import ROOT, load_config, quiet
+from conftest import ROOT, load_config, quiet, register_method
 
 
 @pytest.mark.parametrize("family_config", ["ul2", "bert", "t5"])
@@ -68,12 +68,12 @@ def test_each_stage_shape_compiles_once_and_stages_switch_on_the_clock(tiny_conf
     return Selection(layers=LayerSelection(jnp.array([1], jnp.int32), jnp.ones(1)))
 
   def two_stages(cfg):
-    stages = (plan_lib.Stage("half", 0.5, shape=("layers", 1), select=half_depth, active_layers=1),
-              plan_lib.Stage("full", 1.0))
-    return plan_lib.Plan(stages, "steps", cfg.budget.value, 1)
+    return (plan_lib.Stage("half", 0.5, shape=("layers", 1), select=half_depth, active_layers=1),
+            plan_lib.Stage("full", 1.0))
 
-  monkeypatch.setattr(train_lib, "build_plan", two_stages)
+  register_method(monkeypatch, "two_stages", two_stages)
   cfg = tiny_config
+  cfg.method.name = "two_stages"
   cfg.budget.value, cfg.log.every = 10, 1
   train_lib.train(cfg, str(tmp_path))
   rows = read_metrics(tmp_path)[1:]

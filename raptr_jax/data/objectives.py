@@ -17,14 +17,13 @@ same example is corrupted the same way on every host, after resumption, and in a
   (R: mu=3 r=0.15, mu=8 r=0.15; X: mu=3 r=0.5, mu=8 r=0.5, mu=64 r=0.15, mu=64 r=0.5; S: r=0.25).
 
 The encoder-only and encoder-decoder objectives live in ``corruption.py`` (MLM, T5 span
-corruption); ``build_objective`` returns any of them with the packing layout it needs.
+corruption); ``data/build.py``'s ``build_objective`` returns any of them by name.
 """
 import dataclasses
 from typing import Callable, Sequence
 
 import numpy as np
 
-from raptr_jax.data import packing
 from raptr_jax.data.vocab import EOS_ID, Vocabulary
 
 PARADIGM = {"R": "[NLU]", "X": "[NLG]", "S": "[S2S]"}
@@ -186,20 +185,3 @@ class UL2:
     prefix_len = 1 + len(inputs)
     predict = (np.arange(len(seq)) >= prefix_len).astype(np.float32)
     return aligned(seq, predict, prefix_len)
-
-
-def build_objective(name: str, vocab: Vocabulary, data_cfg=None, denoisers=None):
-  """The ``Objective`` (transform + packing layout) called ``name`` for a run's data config."""
-  from raptr_jax.data import corruption  # pylint: disable=g-import-not-at-top
-  seq_len = data_cfg.seq_len if data_cfg is not None else 0
-  decoder_layout = packing.single_group(("inputs", "targets", "weights", "prefix"), seq_len)
-  if name == "causal_lm":
-    return Objective(lambda tokens, n, rng: causal_lm(tokens, n), decoder_layout, seq_len)
-  if name == "ul2":
-    return Objective(UL2(vocab, denoisers or UL2_DENOISERS), decoder_layout, seq_len)
-  if name == "mlm":
-    return corruption.masked_lm_objective(vocab, data_cfg)
-  if name == "span_corruption":
-    return corruption.span_corruption_objective(vocab, data_cfg)
-  raise ValueError(f"unknown data.objective {name!r}; available: causal_lm, ul2 (decoder), "
-                   "mlm (bert), span_corruption (t5)")

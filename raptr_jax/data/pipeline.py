@@ -11,6 +11,7 @@ from typing import Iterator
 import numpy as np
 
 from raptr_jax.data import corpus, objectives, packing
+from raptr_jax.data.build import build_objective
 from raptr_jax.data.vocab import load_vocabulary
 
 
@@ -40,7 +41,7 @@ class PackedStream:
   def __init__(self, source, objective, batch_size: int, seed: int, repeat: bool,
                max_segments: int = 64):
     if not isinstance(objective, objectives.Objective):
-      raise TypeError("PackedStream needs an objectives.Objective (see objectives.build_objective)")
+      raise TypeError("PackedStream needs an objectives.Objective (see data.build.build_objective)")
     self.source = source
     self.objective = objective
     self.batch_size = batch_size
@@ -148,7 +149,7 @@ def build_stream(data_cfg, split: str, batch_size: int, seed: int, train: bool) 
   """The stream a config asks for: the built-in corpus, or a prepared tfds corpus via seqio."""
   vocab = load_vocabulary(data_cfg.vocab_path, data_cfg.extra_ids)
   denoisers = [objectives.Denoiser(**d) for d in data_cfg.denoisers] if data_cfg.denoisers else None
-  objective = objectives.build_objective(data_cfg.objective, vocab, data_cfg, denoisers)
+  objective = build_objective(data_cfg.objective, vocab, data_cfg, denoisers)
   if data_cfg.source == "builtin":
     examples = corpus.chunked_examples(split, data_cfg.vocab_path, objective.chunk_length)
     source = ListSource(examples, seed, shuffle=train)

@@ -253,7 +253,7 @@ def main(argv=None):
   parser.add_argument("--workdir", default="runs/polynomial")
   parser.add_argument("overrides", nargs="*", help="config overrides as section.field=value")
   args = parser.parse_args(argv)
-  from raptr_jax.main import apply_overrides, import_config  # pylint: disable=g-import-not-at-top
+  from raptr_jax.config import apply_overrides, import_config  # pylint: disable=g-import-not-at-top
   try:
     cfg = apply_overrides(import_config(args.config), args.overrides)
     run(cfg, args.workdir)

@@ -22,7 +22,9 @@ import math
 import jax
 import jax.numpy as jnp
 
+from raptr_jax.methods.base import Method
 from raptr_jax.models.selection import LayerSelection, Selection
+from raptr_jax.plan import Stage
 
 SCALINGS = ("inverse_p", "none")
 
@@ -70,9 +72,23 @@ def make_select(num_layers: int, theta_bar: float = 0.5, gamma_f: float = 100.0,
 
 def plan_stages(pld_cfg, num_layers: int):
   """One stage over the whole budget (the schedule is a function of the step's progress)."""
-  from raptr_jax.plan import Stage  # pylint: disable=g-import-not-at-top
   c = pld_cfg
   select = make_select(num_layers, c.theta_bar, c.gamma_f, c.scaling)
   share = lambda f: expected_layer_fraction(f, num_layers, c.theta_bar, c.gamma_f)
   return (Stage(f"pld:theta_bar={c.theta_bar:g}", 1.0, ("pld", c.theta_bar, c.gamma_f, c.scaling), select,
                 layer_fraction=share),)
+
+
+class ProgressiveLayerDropping(Method):
+  """PLD on the method interface (``method.name=pld``, options in ``method.pld``)."""
+  name = "pld"
+
+  def validate(self, cfg) -> None:
+    c = cfg.method.pld
+    check(c.theta_bar, c.gamma_f, c.scaling)
+    if cfg.model.family == "t5" and cfg.model.num_decoder_layers not in (0, cfg.model.num_layers):
+      raise ValueError("method.name=pld on t5 draws one schedule for both stacks: set "
+                       f"model.num_decoder_layers=0 (= model.num_layers={cfg.model.num_layers})")
+
+  def stages(self, cfg, model_cfg):
+    return plan_stages(cfg.method.pld, model_cfg.num_layers)

@@ -36,13 +36,16 @@ by L/6, fixed set = first and last layer, Equal stage lengths, square-root outpu
   convention); ``none`` is the alternative.
 """
 import dataclasses
+import functools
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from raptr_jax.methods.base import Method
 from raptr_jax.models.selection import LayerSelection, Selection, WidthSelection
+from raptr_jax.plan import Stage
 
 AXES = ("depth", "heads", "mlp")
 LENGTH_MODES = ("equal", "proportional")
@@ -61,9 +64,10 @@ class RaptrStage:
     return len(self.fixed) + self.p * (num_layers - len(self.fixed))
 
 
-def recommended_lengths(num_layers: int) -> list[float]:
-  """Section 4's schedule: L/2, then + L/6 per stage, 4 stages (6-8-10-12 for L = 12)."""
-  return [num_layers / 2 + i * num_layers / 6 for i in range(4)]
+def recommended_lengths(num_layers: int, minimum: float = 0.0) -> list[float]:
+  """Section 4's schedule: L/2, then + L/6 per stage, 4 stages (6-8-10-12 for L = 12); no
+  stage below ``minimum`` (the fixed set: 2-2-2.5-3 for L = 3 with I = {first, last})."""
+  return [max(minimum, num_layers / 2 + i * num_layers / 6) for i in range(4)]
 
 
 def parse_notation(notation: str) -> list[float]:
@@ -115,8 +119,8 @@ def build_schedule(num_layers: int, avg_lengths=None, fixed=None, total: float =
                    target_average: float = 0.0, initial_full: float = 0.0) -> list[RaptrStage]:
   """The stages ``T_{1:k} x (p_{1:k}, I_{1:k})`` from average lengths (default: recommended)."""
   L = num_layers
-  avg_lengths = list(avg_lengths or recommended_lengths(L))
   fixed = tuple(sorted({0, L - 1} if fixed is None else {int(i) % L for i in fixed}))
+  avg_lengths = list(avg_lengths or recommended_lengths(L, len(fixed)))
   for a, b in zip(avg_lengths, avg_lengths[1:]):
     if b < a:
       raise ValueError(f"RaPTr schedule {avg_lengths} is not monotone: subnetwork sizes must not shrink")
@@ -130,12 +134,14 @@ def build_schedule(num_layers: int, avg_lengths=None, fixed=None, total: float =
   return [RaptrStage(p(a), fixed, length) for a, length in zip(avg_lengths, lengths)]
 
 
-def check_stages(stages, num_layers: int, total: float) -> None:
-  """Rejects explicit schedules that shrink, escape [|I|, L] or do not sum to the budget."""
+def check_stages(stages, num_layers: int, total: float, initial_full: bool = False) -> None:
+  """Rejects explicit schedules that shrink, escape [|I|, L] or do not sum to the budget (an
+  initial full-model phase, ``initial_full``, may precede the schedule)."""
   for s in stages:
-    if not 0.0 < s.p <= 1.0 or any(not 0 <= i < num_layers for i in s.fixed):
-      raise ValueError(f"RaPTr stage {s}: p must be in (0, 1] and fixed layers in [0, {num_layers})")
-  for a, b in zip(stages, stages[1:]):
+    if not 0.0 <= s.p <= 1.0 or any(not 0 <= i < num_layers for i in s.fixed):
+      raise ValueError(f"RaPTr stage {s}: p must be in [0, 1] and fixed layers in [0, {num_layers})")
+  schedule = stages[1:] if initial_full else stages
+  for a, b in zip(schedule, schedule[1:]):
     if b.p < a.p or not set(a.fixed) <= set(b.fixed):
       raise ValueError(f"RaPTr stages must not shrink (p non-decreasing, I growing): {a} then {b}")
   if abs(sum(s.length for s in stages) - total) > 1e-6 * total:
@@ -172,7 +178,7 @@ def make_select(stage: RaptrStage, num_layers: int, scaling: str = "sqrt", selec
     if scaling == "sqrt":
       return sqrt_scales(indices, L) * kept
     if scaling == "inverse_p":
-      return jnp.where(jnp.isin(indices, fixed), 1.0, 1.0 / stage.p) * kept
+      return jnp.where(jnp.isin(indices, fixed), 1.0, 1.0 / max(stage.p, 1e-12)) * kept
     return kept
 
   if selection == "bernoulli":
@@ -256,9 +262,10 @@ def _width_stages(c, units: int) -> list[RaptrStage]:
     if any(s.fixed for s in stages):
       raise ValueError(f"width RaPTr (axis={c.axis!r}) has no fixed set: give () as each stage's I")
   else:
-    counts = parse_notation(c.schedule) if c.schedule else sorted(round(a) for a in recommended_lengths(units))
-    if any(a != round(a) for a in counts):
-      raise ValueError(f"width RaPTr counts whole {c.axis} per layer; schedule {c.schedule!r} is not integral")
+    counts = parse_notation(c.schedule) if c.schedule else sorted(max(1, round(a)) for a in recommended_lengths(units))
+    if any(a != round(a) or a < 1 for a in counts):
+      raise ValueError(f"width RaPTr counts whole {c.axis} per layer, at least 1; method.raptr.schedule="
+                       f"{c.schedule!r} is not (e.g. '{max(1, units // 2)}-{units}')")
     return build_schedule(units, counts, (), 1.0, c.lengths, c.target_average, c.initial_full)
   return stages
 
@@ -266,7 +273,6 @@ def _width_stages(c, units: int) -> list[RaptrStage]:
 def plan_stages(raptr_cfg, model_cfg):
   """The plan stages (budget fractions, shapes, select functions) of a ``method.raptr`` config
   for the ``model`` section ``model_cfg``."""
-  from raptr_jax.plan import Stage  # pylint: disable=g-import-not-at-top
   c = raptr_cfg
   num_layers = model_cfg.num_layers
   units = axis_units(c, model_cfg)
@@ -279,7 +285,7 @@ def plan_stages(raptr_cfg, model_cfg):
   else:
     stages = build_schedule(num_layers, parse_notation(c.schedule) if c.schedule else None,
                             tuple(int(i) for i in c.fixed), 1.0, c.lengths, c.target_average, c.initial_full)
-  check_stages(stages, units, 1.0)
+  check_stages(stages, units, 1.0, initial_full=bool(c.initial_full) and not c.stages)
   out, end = [], 0.0
   for i, s in enumerate(stages):
     end += s.length
@@ -298,3 +304,33 @@ def plan_stages(raptr_cfg, model_cfg):
       stage = Stage(name, min(end, 1.0), ("raptr", c.axis, k, units, scaling), select, width=width)
     out.append(stage if select is not None else Stage(name, min(end, 1.0)))
   return tuple(out)
+
+
+class Raptr(Method):
+  """RaPTr on the method interface (``method.name=raptr``, options in ``method.raptr``)."""
+  name = "raptr"
+
+  def validate(self, cfg) -> None:
+    c = cfg.method.raptr
+    if c.lr not in ("run", "paper"):
+      raise ValueError(f"method.raptr.lr must be 'run' or 'paper', got {c.lr!r}")
+    if c.axis != "depth" and cfg.optimizer.freeze_inactive:
+      raise ValueError("optimizer.freeze_inactive freezes whole layers; width RaPTr "
+                       f"(method.raptr.axis={c.axis!r}) updates unselected heads/parts with "
+                       "their zero gradient: set optimizer.freeze_inactive=False")
+    if cfg.model.family == "t5" and cfg.model.num_decoder_layers not in (0, cfg.model.num_layers):
+      raise ValueError("method.name=raptr on t5 draws one schedule for both stacks: set "
+                       f"model.num_decoder_layers=0 (= model.num_layers={cfg.model.num_layers})")
+    try:
+      self.stages(cfg, cfg.model)
+    except ValueError as e:
+      raise ValueError(f"method.raptr: {e}") from None
+
+  def stages(self, cfg, model_cfg):
+    return plan_stages(cfg.method.raptr, model_cfg)
+
+  def lr_schedule(self, cfg, plan, lr_fn):
+    """Paper LR (Section 4): constant across stages, decaying over the final full-model stage."""
+    if cfg.method.raptr.lr == "paper" and len(plan.stages) > 1:
+      return functools.partial(lr_fn, decay_start=plan.stages[-2].end)
+    return lr_fn

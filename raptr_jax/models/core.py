@@ -63,7 +63,7 @@ class StackedLayers(nnx.Module):
     token_sel = selection.tokens if selection is not None else None
     if layer_sel is None:
       layer_sel = LayerSelection.full(self.num_layers)
-    else:
+    elif layer_sel.indices is not None:
       params = jax.tree.map(lambda p: jnp.take(p, layer_sel.indices, axis=0), params)
     # What each run layer scans over: its params, scale, whether it runs, its width slices.
     k = layer_sel.scales.shape[0]
@@ -75,8 +75,9 @@ class StackedLayers(nnx.Module):
           raise ValueError(f"width selection has {name} for {rows.shape[0]} layers, but {k} layers run")
     per_layer = (params, layer_sel.scales, layer_sel.active, width)
     rows = jnp.arange(x.shape[1])[None]
+    hidden = selection.hidden if selection is not None else None
     attend = self._attend(positions, segment_ids, prefix, rows, relative_table, context,
-                          context_segment_ids)
+                          context_segment_ids, hidden)
     if token_sel is None:
       if self.record_outputs:  # y^(0..k): the stack's input and each run layer's output
         out, ys = self._scan(per_layer, x, attend, collect=True)
@@ -92,7 +93,8 @@ class StackedLayers(nnx.Module):
                            relative_table, context, context_segment_ids)
     return self._scan(part(b, k), x, attend)
 
-  def _attend(self, positions, segment_ids, prefix, rows, relative_table, context, context_segment_ids):
+  def _attend(self, positions, segment_ids, prefix, rows, relative_table, context, context_segment_ids,
+              hidden=None):
     cfg = self.cfg
     mask = None if segment_ids is None else layers.attention_mask(segment_ids, prefix, self.causal)
     bias = None
@@ -101,7 +103,7 @@ class StackedLayers(nnx.Module):
     context_mask = None
     if context is not None and segment_ids is not None:
       context_mask = layers.cross_attention_mask(segment_ids, context_segment_ids)
-    return layers.AttentionInputs(positions, mask, bias, context, context_mask, self.causal)
+    return layers.AttentionInputs(positions, mask, bias, context, context_mask, hidden, self.causal)
 
   def _body(self):
     body = functools.partial(layers.block, cfg=self.cfg)

@@ -26,9 +26,10 @@ class DecoderLM(nnx.Module):
                selection: Selection | None = None):
     """Token ids [B, T] -> fp32 logits [B, T, V]."""
     positions = embeddings.default_positions(inputs, positions)
-    x = embeddings.embed(self, inputs, positions)
+    hidden = selection.hidden if selection is not None else None
+    x = embeddings.embed(self, inputs, positions, hidden)
     x = self.layers(x, positions, segment_ids, prefix, selection)
-    return embeddings.output_logits(self, x, self.final_norm)
+    return embeddings.output_logits(self, x, self.final_norm, hidden)
 
 
 def logits_fn(model: DecoderLM, batch, selection: Selection | None = None, packed: bool = True):

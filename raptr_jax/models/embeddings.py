@@ -35,19 +35,21 @@ def default_positions(inputs, positions):
   return jnp.broadcast_to(jnp.arange(inputs.shape[1]), inputs.shape) if positions is None else positions
 
 
-def embed(module, inputs, positions):
-  """Token ids [B, T] -> [B, T, d] in the compute dtype (plus learned positions if present)."""
+def embed(module, inputs, positions, hidden=None):
+  """Token ids [B, T] -> [B, T, d] in the compute dtype (plus learned positions if present),
+  times the hidden-dimension growth mask ``hidden`` [d] when given."""
   dt = module.cfg.compute_dtype
   x = jnp.take(module.embedding.value, inputs, axis=0).astype(dt)
   if hasattr(module, "pos_embedding"):
     x = x + jnp.take(module.pos_embedding.value, positions, axis=0).astype(dt)
-  return x
+  return x if hidden is None else x * hidden.astype(dt)
 
 
-def output_logits(module, x, norm):
-  """Final RMSNorm and the (tied or untied) head: [B, T, d] -> fp32 logits [B, T, V]."""
+def output_logits(module, x, norm, hidden=None):
+  """Final RMSNorm and the (tied or untied) head: [B, T, d] -> fp32 logits [B, T, V]
+  (``hidden``: the growth mask of ``Selection.hidden``)."""
   cfg, dt = module.cfg, module.cfg.compute_dtype
-  x = layers.rms_norm(x, norm.value, cfg.norm_eps)
+  x = layers.rms_norm(x, norm.value, cfg.norm_eps, hidden)
   w = module.embedding.value.astype(dt).T if cfg.tied_embeddings else module.head.value.astype(dt)
   return jnp.einsum("btd,dv->btv", x, w, preferred_element_type=jnp.float32)
 

@@ -30,13 +30,13 @@ class EncoderMLM(nnx.Module):
   def encode(self, inputs, positions=None, segment_ids=None, selection: Selection | None = None):
     """Token ids [B, T] -> final hidden states [B, T, d] (before the final norm)."""
     positions = embeddings.default_positions(inputs, positions)
-    x = embeddings.embed(self, inputs, positions)
+    x = embeddings.embed(self, inputs, positions, selection.hidden if selection is not None else None)
     return self.layers(x, positions, segment_ids, None, selection)
 
   def __call__(self, inputs, positions=None, segment_ids=None, selection: Selection | None = None):
     """Token ids [B, T] -> fp32 logits [B, T, V] at every position."""
     return embeddings.output_logits(self, self.encode(inputs, positions, segment_ids, selection),
-                                    self.final_norm)
+                                    self.final_norm, selection.hidden if selection is not None else None)
 
 
 def prediction_positions(weights, max_predictions: int):
@@ -58,7 +58,8 @@ def loss_fn(model: EncoderMLM, batch, selection: Selection | None = None, packed
   x = model.encode(batch["inputs"], batch["positions"], batch["segment_ids"] if packed else None, selection)
   idx = prediction_positions(batch["weights"], p)
   take = jax.vmap(lambda a, i: jnp.take(a, i, axis=0))
-  logits = embeddings.output_logits(model, take(x, idx), model.final_norm)
+  logits = embeddings.output_logits(model, take(x, idx), model.final_norm,
+                                    selection.hidden if selection is not None else None)
   total, count = embeddings.cross_entropy(logits, take(batch["targets"], idx), take(batch["weights"], idx))
   loss, aux = embeddings.mean_loss(total, count)
   # Masked positions beyond P would be silently left out: count them (0 unless the data is wrong).

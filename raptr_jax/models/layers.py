@@ -11,10 +11,17 @@ import jax
 import jax.numpy as jnp
 
 
-def rms_norm(x, scale, eps: float):
+def rms_norm(x, scale, eps: float, mask=None):
+  """RMSNorm; with a hidden-dimension ``mask`` [d] (MSG growth) the statistics are weighted
+  by it, sum_i m_i x_i^2 / sum_i m_i, and the output is multiplied by it, so where the new
+  dimensions have mask 0 this is exactly the norm of the old dimensions."""
   x32 = x.astype(jnp.float32)
-  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  return (y * scale.astype(jnp.float32)).astype(x.dtype)
+  if mask is None:
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y * scale.astype(jnp.float32)).astype(x.dtype)
+  m = mask.astype(jnp.float32)
+  ms = jnp.sum(x32 * x32 * m, axis=-1, keepdims=True) / jnp.sum(m)
+  return (x32 * jax.lax.rsqrt(ms + eps) * scale.astype(jnp.float32) * m).astype(x.dtype)
 
 
 def rotary(x, positions, base: float = 10000.0):
@@ -103,12 +110,14 @@ class AttentionInputs:
   bias: jax.Array | None = None
   context: jax.Array | None = None
   context_mask: jax.Array | None = None
+  hidden: jax.Array | None = None      # [d] hidden-dimension growth mask (Selection.hidden)
   causal: bool = dataclasses.field(default=True, metadata=dict(static=True))
 
 
-def attention(p, x, kv, positions, mask, cfg, *, causal=True, bias=None, prefix=""):
+def attention(p, x, kv, positions, mask, cfg, *, causal=True, bias=None, prefix="", head_mask=None):
   """Multi-head attention of queries from ``x`` over ``kv`` (self-attention when they are the
-  same array); parameters ``{prefix}q``, ``k``, ``v``, ``o``; rotary only in self-attention."""
+  same array); parameters ``{prefix}q``, ``k``, ``v``, ``o``; rotary only in self-attention;
+  ``head_mask`` [N] multiplies each head's output (growth)."""
   dt = cfg.dtype
   q = jnp.einsum("btd,dnh->btnh", x, p[prefix + "q"].astype(dt))
   k = jnp.einsum("bsd,dnh->bsnh", kv, p[prefix + "k"].astype(dt))
@@ -120,15 +129,20 @@ def attention(p, x, kv, positions, mask, cfg, *, causal=True, bias=None, prefix=
   out = jax.nn.dot_product_attention(
       q, k, v, bias=bias, mask=mask, is_causal=causal and mask is None,
       implementation=attention_backend(cfg, q.dtype))
+  if head_mask is not None:
+    out = out * head_mask.astype(out.dtype)[:, None]
   return jnp.einsum("btnh,nhd->btd", out, p[prefix + "o"].astype(dt))
 
 
-def mlp(p, x, cfg):
+def mlp(p, x, cfg, unit_mask=None):
+  """The (gated) MLP; ``unit_mask`` [F] multiplies each hidden unit's activation (growth)."""
   dt = cfg.dtype
   act = {"gelu": jax.nn.gelu, "silu": jax.nn.silu, "relu": jax.nn.relu}[cfg.activation]
   h = act(jnp.einsum("btd,df->btf", x, p["wi"].astype(dt)))
   if cfg.gated_mlp:
     h = h * jnp.einsum("btd,df->btf", x, p["wg"].astype(dt))
+  if unit_mask is not None:
+    h = h * unit_mask.astype(h.dtype)
   return jnp.einsum("btf,fd->btd", h, p["wo"].astype(dt))
 
 
@@ -174,12 +188,18 @@ def block(p, x, positions, mask, scale, cfg, attend: AttentionInputs | None = No
   if width is not None and width.mlp is not None:
     p = select_mlp_parts(p, width.mlp, width.mlp_parts)
     mlp_scale = scale * width.mlp_scale
-  h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
+  head_mask = width.head_mask if width is not None else None
+  unit_mask = width.mlp_mask if width is not None else None
+  hidden = attend.hidden
+  if hidden is not None:  # growth: the residual stream's new dimensions follow the mask
+    attn_scale = attn_scale * hidden.astype(x.dtype)
+    mlp_scale = mlp_scale * hidden.astype(x.dtype)
+  h = rms_norm(x, p["attn_norm"], cfg.norm_eps, hidden)
   x = x + attn_scale * attention(p, h, h, attend.positions, attend.mask, cfg, causal=attend.causal,
-                                 bias=bias)
+                                 bias=bias, head_mask=head_mask)
   if attend.context is not None:
-    h = rms_norm(x, p["cross_norm"], cfg.norm_eps)
+    h = rms_norm(x, p["cross_norm"], cfg.norm_eps, hidden)
     x = x + attn_scale * attention(p, h, attend.context, attend.positions, attend.context_mask, cfg,
-                                   causal=False, prefix="cross_")
-  x = x + mlp_scale * mlp(p, rms_norm(x, p["mlp_norm"], cfg.norm_eps), cfg)
+                                   causal=False, prefix="cross_", head_mask=head_mask)
+  x = x + mlp_scale * mlp(p, rms_norm(x, p["mlp_norm"], cfg.norm_eps, hidden), cfg, unit_mask)
   return x

@@ -5,8 +5,8 @@ sampled from the step's key; ``progress`` is the budget fraction, for time sched
 progressive layer dropping) and passes it to the model; the full model is ``selection=None``. Static fields (counts, where token
 dropping starts) fix the compiled shape, so one compile serves a whole stage.
 
-* ``LayerSelection``: run k of the L stacked layers, ``indices`` sorted ascending, each layer's
-  residual branches multiplied by its ``scales`` entry. The core gathers the stacked parameters
+* ``LayerSelection``: run k of the L stacked layers, ``indices`` sorted ascending (None: all
+  layers in order, no gather), each layer's residual branches multiplied by its ``scales`` entry. The core gathers the stacked parameters
   by ``indices`` (RaPTr's linear-combination shared subnetwork, Appendix G); the gradient of a
   gather is a scatter-add, so unselected layers receive exactly zero gradient. ``active`` [k]
   bool (optional) makes the count dynamic: a layer whose entry is False is skipped by
@@ -15,7 +15,13 @@ dropping starts) fix the compiled shape, so one compile serves a whole stage.
 * ``WidthSelection``: per selected layer, ``heads`` [k, h] (h of the N attention heads, in
   self- and cross-attention) and/or ``mlp`` [k, m] (m of the ``mlp_parts`` equal slices of the
   MLP's hidden units). The block gathers those weight slices, so the matmuls really shrink;
-  the attention / MLP outputs are multiplied by ``head_scale`` / ``mlp_scale``.
+  the attention / MLP outputs are multiplied by ``head_scale`` / ``mlp_scale``. Growth masks
+  (MSG): ``head_mask`` [k, N] multiplies each head's attention output, ``mlp_mask`` [k, F]
+  each hidden unit's activation.
+* ``Selection.hidden`` [d]: a mask over the hidden (residual) dimensions (MSG's hidden-size
+  growth): embeddings and every residual branch are multiplied by it, and RMSNorm takes its
+  statistics weighted by it (``layers.rms_norm``), so at 0 on the new dimensions the model is
+  exactly the narrower one.
 * ``TokenSelection``: for ``num_layers`` consecutive selected layers starting at selected-layer
   position ``start``, each example keeps ``r`` of its S positions (``indices`` [num_layers, B, r],
   sorted so causal and prefix masks stay valid); dropped positions pass through unchanged.
@@ -34,7 +40,7 @@ import jax.numpy as jnp
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LayerSelection:
-  indices: jax.Array   # [k] int32, ascending layer indices into the stack
+  indices: jax.Array | None   # [k] int32, ascending layer indices into the stack; None: all
   scales: jax.Array    # [k] float32, residual-branch output scale of each selected layer
   active: jax.Array | None = None   # [k] bool: False = skip this layer (lax.cond); None = all run
 
@@ -45,6 +51,8 @@ class LayerSelection:
   def mask(self, num_layers: int) -> jax.Array:
     """[num_layers] bool: the stack's layers this selection runs."""
     run = True if self.active is None else self.active
+    if self.indices is None:
+      return jnp.zeros((num_layers,), bool).at[:self.scales.shape[0]].set(run)
     return jnp.zeros((num_layers,), bool).at[self.indices].set(run)
 
 
@@ -56,6 +64,8 @@ class WidthSelection:
   mlp_parts: int = dataclasses.field(default=1, metadata=dict(static=True))
   head_scale: float = dataclasses.field(default=1.0, metadata=dict(static=True))
   mlp_scale: float = dataclasses.field(default=1.0, metadata=dict(static=True))
+  head_mask: jax.Array | None = None   # [k, N] float: each head's output multiplier (growth)
+  mlp_mask: jax.Array | None = None    # [k, F] float: each hidden unit's multiplier (growth)
 
 
 @jax.tree_util.register_dataclass
@@ -75,6 +85,7 @@ class Selection:
   layers: LayerSelection | None = None
   tokens: TokenSelection | None = None
   width: WidthSelection | None = None
+  hidden: jax.Array | None = None      # [d] float: hidden-dimension mask (growth)
 
   def layer_selections(self, prefix: str = "") -> dict[str, LayerSelection]:
     return {} if self.layers is None else {prefix + "layers": self.layers}

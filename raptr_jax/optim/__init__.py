@@ -41,7 +41,7 @@ class Optimizer:
   hessian_interval: int = 0        # Sophia-G: a GNB estimate every k steps (0: never)
   hessian_grad_clip: float = 0.0
   needs_obj_fn: bool = False       # Sophia-H: update takes obj_fn=
-  freeze_inactive: bool = False    # update takes active=
+  freeze_inactive: bool = False    # freeze layers a step's selection leaves out (update takes active=)
 
 
 def decay_mask(params, axes_tree):
@@ -94,9 +94,9 @@ def build_optimizer(opt_cfg, mask=None) -> Optimizer:
     parts.append(scale_by_param_rms(opt_cfg.rms_min_scale))
   if opt_cfg.weight_decay:
     parts.append(optax.add_decayed_weights(opt_cfg.weight_decay, mask=mask))
-  tx = optax.chain(*parts)
-  if opt_cfg.freeze_inactive:
-    tx = freeze_inactive(tx)
+  # Always freezable: a stage that runs a view of the model (stacking, growth) freezes the
+  # parameters outside it; without ``active=`` the wrapper changes nothing.
+  tx = freeze_inactive(optax.chain(*parts))
   return Optimizer(optax.with_extra_args_support(tx),
                    hessian_interval=opt_cfg.hessian_interval if name == "sophia_g" else 0,
                    hessian_grad_clip=opt_cfg.hessian_grad_clip,

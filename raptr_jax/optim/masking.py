@@ -4,7 +4,8 @@ RaPTr, layer dropping and stacking leave some layers out of a step. Under plain 
 layers still get their (zero) gradient pushed through the moments and weight decay; PyTorch
 references instead skip them. ``freeze_inactive(inner)`` gives the second semantics: pass
 ``active=`` (a pytree like the params whose leaves are booleans broadcastable over the leading
-axis of each leaf, e.g. shape [L] for stacked layers, or a scalar) and inactive slices keep their
+axis of each leaf, e.g. shape [L] for stacked layers, the leaf's own shape, or a scalar) and
+inactive slices keep their
 parameters bitwise and every param-shaped state leaf of ``inner`` (moments, Hessian EMA, ...) as
 it was. Step counters and other non-parameter state advance as usual.
 """
@@ -15,7 +16,7 @@ import optax
 
 def _broadcast(mask, leaf):
   mask = jnp.asarray(mask, bool)
-  if mask.ndim == 0:
+  if mask.ndim == 0 or mask.shape == leaf.shape:
     return mask
   if leaf.ndim == 0 or leaf.shape[0] != mask.shape[0]:
     raise ValueError(f"activity mask of shape {mask.shape} does not match the leading axis of a "

@@ -1,0 +1,29 @@
+"""Baseline, RaPTr, progressive layer dropping and layer stacking on the default UL2 decoder
+(4 layers, built-in corpus) under one budget of 60 seconds of reference system time, the
+2-core CPU reference of ``rst_tables/cpu_2core.json`` (step kinds missing there are calibrated
+on the current device first, which makes it their reference). About 6 minutes on 2 CPU cores.
+
+    python -m raptr_jax.compare --config=configs/compare_methods.py --workdir=runs/compare_methods
+
+Each method at its defaults: RaPTr's recommended 4-stage schedule (2-2.7-3.3-4 of 4 layers,
+first and last fixed, h_sqrt scaling), PLD (theta_bar 0.5, gamma_f 100), stacking 1 -> 2 -> 4
+layers at 12.5% and 30% of the budget (No Train No Gain's fractions). Results in
+``docs/compare_methods/``.
+"""
+
+
+def get_comparison():
+  return dict(
+      config="configs/ul2.py",
+      common=["budget.unit=rst_seconds", "budget.rst_table=rst_tables/cpu_2core.json",
+              "eval.every=0.25", "checkpoint.every=0", "log.every=5"],
+      methods={
+          "baseline": [],
+          "raptr": ["method.name=raptr"],
+          "pld": ["method.name=pld"],
+          "stacking": ["method.name=stacking"],
+      },
+      seeds=[0],
+      budgets=[60.0],
+      calibrate_missing=True,
+  )

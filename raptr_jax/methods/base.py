@@ -1,0 +1,73 @@
+"""The method interface: everything a training method tells the run, and nothing more.
+
+The loop, the step, RST, FLOPs and the comparison runner never name a method. They ask the
+method of ``cfg.method.name`` (``methods.get_method``) these questions; every hook has a neutral
+default, so a method overrides only what it changes:
+
+* ``validate(cfg)``: config-time checks; raise ``ValueError`` naming the key and a value that
+  works. Runs inside ``config.validate``, before anything is built.
+* ``stages(cfg, model_cfg)``: the plan's stages (``plan.Stage``): where each ends on the run's
+  clock (a budget fraction), its static shape key, its ``select(key, batch, progress)`` (traced
+  inside the jitted step; a ``Selection`` or None), the architecture it runs (``view``: model
+  fields of a smaller model whose parameters are the leading slices of the full ones, e.g.
+  ``{"num_layers": 4}``), and what its steps cost (``active_layers``, ``width``,
+  ``layer_fraction``, ``tokens_per_step``), from which FLOPs, MFU and RST charges follow.
+* ``transition(state, old, new, ctx)``: a host-side transform of the train state (params and
+  optimizer state) when the run enters stage ``new`` from ``old``: growth operators. Called
+  once per boundary crossed, in order, also when a run resumes before a boundary.
+* ``transform_batch(batch, key, progress)``, ``transform_loss(loss_fn)``,
+  ``transform_grads(grads, params, key, progress)``: per-step hooks traced inside the jitted
+  step (batch selection, RHO loss, interlocking backprop). None: not applied.
+* ``lr_schedule(cfg, plan, lr_fn)``: the learning rate as a function of the budget fraction,
+  given the run's ``lr_fn`` (RaPTr's paper LR decays only in its final stage).
+* ``metrics(stage, fraction)``: host-side values logged with every logged step.
+* ``composes_with``: names of methods this one can be combined with (``method.name="a+b"``);
+  every other pair is rejected at config validation.
+
+Adding a method: write ``methods/mine.py`` with a ``Method`` subclass (docstring: its paper,
+algorithm and defaults), add its options to ``config.base_config().method.mine``, and add one
+line to ``REGISTRY`` in ``methods/__init__.py``.
+"""
+from typing import Callable
+
+from raptr_jax.plan import Stage
+
+
+class Method:
+  """A training method's answers to the run; the base class is plain full-model training.
+
+  An instance is built for one run's config (``self.cfg``; None for config-free use)."""
+  name: str = "baseline"
+  composes_with: tuple[str, ...] = ()
+
+  def __init__(self, cfg=None):
+    self.cfg = cfg
+
+  def validate(self, cfg) -> None:
+    """Raises ValueError (naming the key and a working value) for options that cannot run."""
+
+  def stages(self, cfg, model_cfg) -> tuple[Stage, ...]:
+    """The plan's stages for ``cfg`` and the run's ``models.ModelConfig``."""
+    return (Stage("full", 1.0),)
+
+  def transition(self, state, old: Stage, new: Stage, ctx):
+    """The train state entering ``new`` from ``old`` (``ctx``: ``step.StepContext``)."""
+    return state
+
+  transform_batch: Callable | None = None   # (batch, key, progress) -> batch
+  transform_loss: Callable | None = None    # (loss_fn) -> loss_fn, same signature
+  transform_grads: Callable | None = None   # (grads, params, key, progress) -> grads
+
+  def lr_schedule(self, cfg, plan, lr_fn: Callable) -> Callable:
+    """The LR as a function of the budget fraction; ``lr_fn`` is the run's schedule."""
+    return lr_fn
+
+  def metrics(self, stage: Stage, fraction: float) -> dict:
+    """Extra values to log at a logged step of ``stage``; ``fraction`` is the budget fraction
+    after the step (the row's ``progress``)."""
+    return {}
+
+  def meta(self, cfg) -> dict:
+    """What a checkpoint records of this method (and must match on resume)."""
+    section = cfg.method.get(self.name)
+    return {"name": self.name, **({self.name: section.to_dict()} if section is not None else {})}

@@ -1,0 +1,144 @@
+"""Building a run from a config: mesh, model, optimizer, the method's plan, the step cache.
+
+``setup(cfg)`` is shared by the training loop, RST calibration, diagnostics, benchmarks and the
+tests. It asks the run's method (``methods.get_method(cfg.method.name)``) for its stages and
+its LR modifier and never branches on the method's name. RST step costs are attached by the
+caller (``rst.attach_step_costs``), so this module does not depend on the RST tables.
+"""
+import dataclasses
+import functools
+
+import jax
+import numpy as np
+from flax import nnx
+
+from raptr_jax import flops as flops_lib
+from raptr_jax import plan as plan_lib
+from raptr_jax import sharding as shd
+from raptr_jax import step as step_lib
+from raptr_jax.config import validate
+from raptr_jax.data import pipeline
+from raptr_jax.data.build import build_objective
+from raptr_jax.data.corruption import mlm_max_predictions, target_length
+from raptr_jax.data.vocab import load_vocabulary
+from raptr_jax.methods import Method, get_method
+from raptr_jax.models import get_family, model_config
+from raptr_jax.optim import build_optimizer, decay_mask, learning_rate
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything built from a config before the first step (also used by tests and tools)."""
+  cfg: object
+  mesh: jax.sharding.Mesh
+  model_cfg: object
+  plan: plan_lib.Plan
+  steps: step_lib.StepCache
+  init: object
+  abstract_state: object
+  stage_flops: flops_lib.StageFlops   # model FLOPs of a step of each plan stage
+  method: Method
+
+  def device_batch(self, batch):
+    """This host's rows of a global numpy batch as global arrays on the mesh."""
+    return device_batch(batch, self.mesh, self.steps.ctx.batch_fields)
+
+  def transition(self, state, old_index: int, new_index: int):
+    """The train state after entering stage ``new_index`` from ``old_index`` (growth), one
+    boundary at a time."""
+    for i in range(old_index, new_index):
+      state = self.method.transition(state, self.plan.stages[i], self.plan.stages[i + 1], self.steps.ctx)
+    return state
+
+
+def budget_in_units(cfg) -> tuple[str, float]:
+  """(clock unit, budget): RST budgets given in hours run on a clock in seconds."""
+  if cfg.budget.unit == "rst_hours":
+    return "rst_seconds", float(cfg.budget.value) * 3600.0
+  return cfg.budget.unit, float(cfg.budget.value)
+
+
+def build_plan(cfg, model_cfg=None) -> plan_lib.Plan:
+  """The plan of stages the run's method makes (``model_cfg``: default the ``model`` section)."""
+  tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+  unit, budget = budget_in_units(cfg)
+  stages = get_method(cfg.method.name, cfg).stages(cfg, model_cfg if model_cfg is not None else cfg.model)
+  return plan_lib.Plan(tuple(stages), unit, budget, tokens_per_step)
+
+
+def device_batch(batch, mesh, fields):
+  """Puts this host's rows of a global numpy batch onto the mesh as global arrays."""
+  local = pipeline.host_rows(batch, jax.process_index(), jax.process_count())
+  sharding = shd.batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(local[k]))
+          for k in fields}
+
+
+def setup(cfg) -> Run:
+  """Builds a run (model, optimizer, plan, steps); RST step costs are not attached here."""
+  validate(cfg)
+  mesh = shd.make_mesh(cfg.mesh)
+  dp = shd.data_parallel_size(mesh)
+  if cfg.data.batch_size % dp:
+    raise ValueError(f"data.batch_size {cfg.data.batch_size} is not divisible by the data-parallel "
+                     f"size {dp} (mesh.data x mesh.fsdp); use a multiple of {dp}")
+  if cfg.data.batch_size % jax.process_count():
+    raise ValueError(f"data.batch_size {cfg.data.batch_size} is not divisible by the "
+                     f"{jax.process_count()} hosts")
+  synthetic = cfg.data.source == "synthetic"
+  vocab = None if synthetic else load_vocabulary(cfg.data.vocab_path, cfg.data.extra_ids)
+  if not (cfg.model.vocab_size or vocab):
+    raise ValueError("model.vocab_size must be set when the data source has no vocabulary")
+  derived = {}
+  if cfg.model.family == "bert":
+    derived["max_predictions"] = mlm_max_predictions(cfg.data.seq_len, cfg.data.mlm_rate,
+                                                     cfg.data.max_predictions)
+  if not synthetic:  # objective errors (lengths, sentinels) now, not in the data thread
+    build_objective(cfg.data.objective, vocab, cfg.data)
+  mcfg = model_config(cfg.model, vocab.vocab_size if vocab else 0, **derived)
+  family = get_family(cfg.model.family)
+  factory = lambda model_cfg=mcfg: family.module(model_cfg, rngs=nnx.Rngs(params=cfg.seed))
+  graphdef, abstract_params = nnx.split(nnx.eval_shape(factory))
+  axes = shd.logical_axes_tree(abstract_params)
+  pure = nnx.to_pure_dict(abstract_params)
+  optimizer = build_optimizer(cfg.optimizer, mask=decay_mask(pure, axes))
+  if optimizer.hessian_interval and family.logits_fn is None:
+    raise ValueError(f"optimizer.name={cfg.optimizer.name!r} samples labels from the model's logits, "
+                     f"which model.family={cfg.model.family!r} does not expose; use adamw, lion or sophia_h")
+  init = step_lib.init_fn(factory, optimizer.tx)
+  abstract = jax.eval_shape(init)
+  shardings = step_lib.state_shardings(abstract, axes, mesh, optimizer.tx)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  method = get_method(cfg.method.name, cfg)
+  plan = build_plan(cfg, mcfg)
+  stage_flops = flops_lib.StageFlops(cfg.model.family, mcfg, cfg.data.batch_size, cfg.data.seq_len,
+                                     target_length(cfg.data))
+  plan = dataclasses.replace(plan, layer_cost_share=stage_flops.layer_share)
+  s = cfg.schedule
+  lr_fn = method.lr_schedule(cfg, plan, functools.partial(
+      learning_rate, name=s.name, peak=s.peak, warmup=s.warmup, final=s.final))
+
+  @functools.cache
+  def view_of(items):
+    if items is None:
+      return graphdef, None
+    gd, abstract_view = nnx.split(nnx.eval_shape(lambda: factory(dataclasses.replace(mcfg, **dict(items)))))
+    return gd, nnx.to_pure_dict(abstract_view)
+
+  view = lambda fields: view_of(tuple(sorted(fields.items())) if fields else None)
+  ctx = step_lib.StepContext(graphdef, view, family.loss_fn, family.logits_fn, optimizer, lr_fn, mesh,
+                             shardings, mcfg.num_layers, family.batch_fields, packed=not synthetic,
+                             wrap_select=lambda select: family.wrap_select(select, cfg.model),
+                             method=method, axes=axes, model_cfg=mcfg)
+  init_jit = jax.jit(init, out_shardings=shardings)
+  return Run(cfg, mesh, mcfg, plan, step_lib.StepCache(ctx), init_jit, abstract, stage_flops, method)
+
+
+def evaluate(run: Run, params, batches, stage=None, fraction: float = 0.0) -> float:
+  """Mean token loss over ``batches`` of the model ``stage`` runs (None: the full model)."""
+  step = run.steps.eval_step(stage)
+  total, count = 0.0, 0.0
+  for batch in batches:
+    s, c = step(params, run.device_batch(batch), np.float32(fraction))
+    total, count = total + s, count + c
+  return float(total / max(float(count), 1.0))

@@ -26,6 +26,6 @@ setup(
     extras_require={
         # Real corpora (C4, Wikipedia + BookCorpus, MiniPile) through seqio / tensorflow-datasets.
         "data": DATA,
-        "test": ["pytest>=8", *DATA],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", *DATA],
     },
 )

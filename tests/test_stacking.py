@@ -191,10 +191,12 @@ def test_a_depth_k_step_costs_a_depth_k_model(tiny_config):
   cfg.method.stacking.update(depths=(2, 4), grow_at=(0.5,))
   stacked_xla, stacked_analytic = step_flops(cfg, 0)
   small_xla, small_analytic = step_flops(base, 0)
-  full_xla, _ = step_flops(cfg, 1)
+  full_xla, full_analytic = step_flops(cfg, 1)
   assert stacked_analytic == small_analytic
   assert stacked_xla == pytest.approx(small_xla, rel=0.03)
-  assert stacked_xla < 0.8 * full_xla
+  # the embedding and head of this tiny model are a large share: compare ratios, not halves
+  assert stacked_xla / full_xla == pytest.approx(stacked_analytic / full_analytic, rel=0.05)
+  assert stacked_xla < 0.9 * full_xla
 
 
 def test_t5_grows_encoder_and_decoder_together(tmp_path):
@@ -204,9 +206,10 @@ def test_t5_grows_encoder_and_decoder_together(tmp_path):
   run = train_lib.setup(cfg)
   assert run.plan.stages[0].view == {"num_layers": 1, "num_decoder_layers": 1}
   state = _steps(run, run.init(), run.plan.stages[0], 2)
-  after = run.transition(state, 0, 1)
+  befores = {key: _layer_leaves(state.params, key) for key in ("encoder_layers", "decoder_layers")}
+  after = run.transition(state, 0, 1)  # donates state
   for key in ("encoder_layers", "decoder_layers"):
-    before, grown = _layer_leaves(state.params, key), _layer_leaves(after.params, key)
+    before, grown = befores[key], _layer_leaves(after.params, key)
     assert before
     for path, leaf in grown.items():
       np.testing.assert_array_equal(leaf[1], before[path][0], err_msg=path)

@@ -8,6 +8,7 @@ import pytest
 
 from raptr_jax import config as config_lib
 from raptr_jax import plan as plan_lib
+from raptr_jax import run as run_lib
 from raptr_jax import train as train_lib
 from raptr_jax.checkpoint import CheckpointError
 from raptr_jax.metrics import read_metrics
@@ -95,7 +96,7 @@ def test_nan_stops_with_advice_and_the_run_resumes_from_a_good_checkpoint(tiny_c
   def lr_that_breaks(t, **kwargs):
     return jnp.where(t > 0.35, jnp.nan, 1e-3)
 
-  monkeypatch.setattr(train_lib, "learning_rate", lr_that_breaks)
+  monkeypatch.setattr(run_lib, "learning_rate", lr_that_breaks)
   cfg = tiny_config
   cfg.budget.value, cfg.checkpoint.every, cfg.log.every = 10, 1, 5
   with pytest.raises(train_lib.TrainingError, match="non-finite.*step 5.*latest: step 4.*schedule.peak"):

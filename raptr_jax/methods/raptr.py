@@ -264,8 +264,8 @@ def _width_stages(c, units: int) -> list[RaptrStage]:
   else:
     counts = parse_notation(c.schedule) if c.schedule else sorted(max(1, round(a)) for a in recommended_lengths(units))
     if any(a != round(a) or a < 1 for a in counts):
-      raise ValueError(f"width RaPTr counts whole {c.axis} per layer, at least 1; method.raptr.schedule="
-                       f"{c.schedule!r} is not (e.g. '{max(1, units // 2)}-{units}')")
+      raise ValueError(f"width RaPTr counts whole {c.axis} per layer (at least 1); method.raptr.schedule="
+                       f"{c.schedule!r} is not integral (e.g. '{max(1, units // 2)}-{units}')")
     return build_schedule(units, counts, (), 1.0, c.lengths, c.target_average, c.initial_full)
   return stages
 

@@ -7,8 +7,8 @@ on the current device first, which makes it their reference). About 6 minutes on
 
 Each method at its defaults: RaPTr's recommended 4-stage schedule (2-2.7-3.3-4 of 4 layers,
 first and last fixed, h_sqrt scaling), PLD (theta_bar 0.5, gamma_f 100), stacking 1 -> 2 -> 4
-layers at 12.5% and 30% of the budget (No Train No Gain's fractions). Results in
-``docs/compare_methods/``.
+layers at 12.5% and 30% of the budget (No Train No Gain's fractions). Writes results.md,
+results.csv and loss_vs_rst_60.png in the workdir.
 """
 
 

@@ -5,6 +5,7 @@
     python bench/bench_subnetwork.py --width             # also Attention-/MLP-RaPTr at half width
     python bench/bench_subnetwork.py --pld=0.5           # also PLD at a budget fraction (keep ~ theta(t))
     python bench/bench_subnetwork.py --stacking          # also layer-stacking depths L/4, L/2 (views)
+    python bench/bench_subnetwork.py --random_ltd        # also random-LTD kept lengths S/8 .. S/2
 
 Each variant is a stage of one plan (fixed-count k-of-L selections gathered from the stacked
 params inside the jitted step), timed on the same device, params and batch as the full model,
@@ -21,7 +22,8 @@ from raptr_jax import train as train_lib
 from raptr_jax.data.pipeline import synthetic_batch
 
 
-def variants(cfg, fractions, width: bool, pld_at: float | None, stacking: bool = False):
+def variants(cfg, fractions, width: bool, pld_at: float | None, stacking: bool = False,
+             random_ltd: bool = False):
   """(name, config) pairs: one config per plan (depth stages share one, width axes one each)."""
   L = cfg.model.num_layers
   ks = sorted({max(1, round(f * L)) for f in fractions} - {L})
@@ -44,6 +46,13 @@ def variants(cfg, fractions, width: bool, pld_at: float | None, stacking: bool =
     c.method.stacking.update(depths=tuple(depths),
                              grow_at=tuple((i + 1) / len(depths) for i in range(len(depths) - 1)))
     out.append(("stacking", c))
+  if random_ltd:  # kept lengths S/8, S/4, 3S/8, S/2 on all but the first and last layer
+    c = cfg.copy_and_resolve_references()
+    eighth = max(1, cfg.data.seq_len // 8)
+    c.method.name = "random_ltd"
+    c.method.random_ltd.update(min_value=eighth, max_value=4 * eighth, seq_per_step=eighth,
+                               require_fraction=0.8, lr="budget")
+    out.append(("random_ltd", c))
   if pld_at is not None:
     c = cfg.copy_and_resolve_references()
     c.method.name = "pld"
@@ -58,6 +67,7 @@ def main():
   parser.add_argument("--width", action="store_true", help="also heads / MLP parts at half width")
   parser.add_argument("--pld", type=float, default=None, help="also PLD at this budget fraction")
   parser.add_argument("--stacking", action="store_true", help="also layer-stacking depths L/4 and L/2")
+  parser.add_argument("--random_ltd", action="store_true", help="also random-LTD at S/8, S/4, 3S/8, S/2")
   parser.add_argument("--set", action="append", default=[], help="section.field=value override")
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--steps", type=int, default=10, help="timed steps per variant and round")
@@ -66,7 +76,7 @@ def main():
   base = bench_config(args.preset, args.set)
   fractions = [float(f) for f in args.fractions.split(",")]
   rows, full_s, group_full = [], None, None
-  for group, cfg in variants(base, fractions, args.width, args.pld, args.stacking):
+  for group, cfg in variants(base, fractions, args.width, args.pld, args.stacking, args.random_ltd):
     run = train_lib.setup(cfg)
     state = run.init()
     batch = run.device_batch(synthetic_batch(cfg.data.batch_size, cfg.data.seq_len, run.model_cfg.vocab_size,

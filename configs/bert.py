@@ -10,6 +10,7 @@
         --config.data.source=c4 --config.data.tfds_data_dir=DIR --config.data.vocab_path=T5_SPM
     python -m raptr_jax.main --config=configs/bert.py:msg --config.data.source=wikipedia_books ...   # or :lemon, :bert2bert
     python -m raptr_jax.main --config=configs/bert.py:raptr_base --config.data.source=wikipedia_books ...
+    python -m raptr_jax.main --config=configs/bert.py:random_ltd_large --config.data.source=... ...
 
 Presets:
 * default: a ~4M-parameter encoder (4 layers, d=256, learned positions, tied head) on the
@@ -29,6 +30,10 @@ Presets:
 * ``msg``, ``lemon``, ``bert2bert``: RaPTr Table 2's depth-growth comparisons on that BERT-base,
   300k steps, equal stage lengths: MSG 6-9-12 (mask ramp over 5000 steps, MSG's grow_time),
   LEMON 6-9-12 (consecutive zero-output blocks), bert2BERT 3-6-12 (stacking).
+* ``large`` / ``random_ltd_large``: random-LTD Section 4.2 / Appendix D.2: BERT-large (24
+  layers, d 1024, 16 heads), seq 512, batch 1024, 2M steps, Megatron's BERT recipe (peak 1e-4,
+  10k warmup steps, linear decay). random-LTD-2: 128 kept tokens growing by 16 every 38B tokens
+  (full after 912B of 1049B), middle 22 layers, LayerToken LR: 31.1% of the layer-tokens saved.
 """
 from raptr_jax.config import base_config, tiny_preset
 from raptr_jax.optim.presets import apply_paper_optimizer
@@ -74,7 +79,20 @@ def get_config(preset: str = ""):
       c.method.growth.update(operator=preset, grow_at=(1 / 3, 2 / 3),
                              num_layers=(3, 6, 12) if preset == "bert2bert" else (6, 9, 12),
                              ramp=5000 / 300_000)  # MSG's grow_time: 5000 steps
+  elif preset in ("large", "random_ltd_large"):
+    c.model.update(d_model=1024, num_layers=24, num_heads=16, head_dim=64, mlp_dim=4096)
+    c.data.update(seq_len=512, batch_size=1024)
+    c.budget.unit, c.budget.value = "steps", 2_000_000
+    c.optimizer.update(name="adamw", b1=0.9, b2=0.999, weight_decay=0.01, grad_clip=1.0)
+    c.schedule.update(name="linear", peak=1e-4, warmup=10_000 / 2_000_000, final=0.0)
+    c.eval.update(every=0.01, batches=64)
+    c.checkpoint.every = 10_000
+    c.log.every = 100
+    if preset == "random_ltd_large":  # 24 increments of 16, one per 38B of 512 x 1024 x 2M tokens
+      c.method.name = "random_ltd"
+      c.method.random_ltd.update(min_value=128, max_value=512, seq_per_step=16, lr="layer_tokens",
+                                 require_fraction=24 * 38e9 / (512 * 1024 * 2e6))
   elif preset:
     raise ValueError(f"unknown preset {preset!r} for configs/bert.py; use tiny, crammed, crammed_stacking, "
-                     "raptr_base, msg, lemon, bert2bert or none")
+                     "raptr_base, msg, lemon, bert2bert, large, random_ltd_large or none")
   return c

@@ -2,6 +2,24 @@
 
     python -m raptr_jax.main --config=configs/gpt.py
     python -m raptr_jax.main --config=configs/gpt.py:tiny
+    python -m raptr_jax.main --config=configs/gpt.py:random_ltd        # random-LTD on the default
+    python -m raptr_jax.main --config=configs/gpt.py:tiny_random_ltd   # seconds; what tests run
+    python -m raptr_jax.main --config=configs/gpt.py:gpt3_350m_random_ltd \\
+        --config.data.source=... --config.data.vocab_path=...          # the paper's, accelerators
+
+Presets:
+* default: a ~3M-parameter decoder (4 layers, d=256, learned positions, tied head), seq 128,
+  batch 32, 300 steps.
+* ``tiny``: 2 layers, d=64, 20 steps. ``tiny_random_ltd``: 4 layers, random-LTD on layers 1-2,
+  kept length 16 -> 64 by 16 over 70% of the steps.
+* ``random_ltd``: the default with random-LTD at the paper's ratios: kept length S/16 -> S in
+  steps of 16 over 70% of the budget on all but the first and last layer, LayerToken LR.
+* ``gpt3_350m`` / ``gpt3_350m_random_ltd``: random-LTD Section 4.1 / Appendix D.1: GPT-3 350M
+  (24 layers, d 1024, 16 heads, learned positions), seq 2048, batch 256 (0.5M tokens), 300B
+  tokens, AdamW b2 0.95, weight decay 0.1, peak LR 3e-4 with 375M warmup tokens, cosine to 10%
+  (GPT-3's recipe, which the paper follows through Megatron-DeepSpeed). random-LTD: 128 -> 2048
+  kept tokens by 16 every 1.75B tokens (full after 210B), middle 22 layers, LayerToken LR; 121
+  kept lengths, each a compile.
 """
 from raptr_jax.config import base_config, tiny_preset
 
@@ -17,8 +35,29 @@ def get_config(preset: str = ""):
   c.schedule.update(name="cosine", peak=2e-3, warmup=0.05, final=0.1)
   c.eval.update(every=0.2, batches=8)
   c.checkpoint.every = 100
-  if preset == "tiny":
+  if preset in ("tiny", "tiny_random_ltd"):
     tiny_preset(c, steps=20, mlp_dim=256)
+    if preset == "tiny_random_ltd":
+      c.model.num_layers = 4
+      c.method.name = "random_ltd"
+      c.method.random_ltd.update(min_value=16, seq_per_step=16, require_fraction=0.7)
+  elif preset == "random_ltd":
+    c.method.name = "random_ltd"
+  elif preset in ("gpt3_350m", "gpt3_350m_random_ltd"):
+    c.model.update(d_model=1024, num_layers=24, num_heads=16, head_dim=64, mlp_dim=4096,
+                   max_len=2048, remat="dots")
+    c.data.update(seq_len=2048, batch_size=256)
+    c.budget.unit, c.budget.value = "tokens", 300e9
+    c.optimizer.update(name="adamw", b1=0.9, b2=0.95, weight_decay=0.1, grad_clip=1.0)
+    c.schedule.update(name="cosine", peak=3e-4, warmup=375e6 / 300e9, final=0.1)
+    c.eval.update(every=0.01, batches=64)
+    c.checkpoint.every = 2000
+    c.log.every = 100
+    if preset == "gpt3_350m_random_ltd":
+      c.method.name = "random_ltd"
+      c.method.random_ltd.update(min_value=128, max_value=2048, seq_per_step=16,
+                                 require_fraction=210 / 300, lr="layer_tokens", max_compiles=121)
   elif preset:
-    raise ValueError(f"unknown preset {preset!r} for configs/gpt.py; use tiny or none")
+    raise ValueError(f"unknown preset {preset!r} for configs/gpt.py; use tiny, tiny_random_ltd, "
+                     "random_ltd, gpt3_350m, gpt3_350m_random_ltd or none")
   return c

@@ -23,7 +23,7 @@ DATA_SOURCES = ("builtin", "synthetic", "c4", "wikipedia_books", "minipile")
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.budget = dict(unit="steps", value=1000.0,  # unit: steps | tokens | rst_seconds | rst_hours
+  c.budget = dict(unit="steps", value=1000.0,  # unit: steps | tokens | layer_tokens | rst_seconds | rst_hours
                   rst_table="",                # RST calibration table (default rst_table.json)
                   free_hessian=False,          # RST: Sophia's Hessian passes cost nothing
                   free_scoring=False)          # RST: forward-only scoring passes cost nothing
@@ -61,7 +61,8 @@ def base_config() -> ml_collections.ConfigDict:
       rms_scaling=False, rms_min_scale=1e-3,  # lr x max(min_scale, RMS(param)) (T5 runs of NTNG)
       freeze_inactive=False)     # True: params a step leaves out keep params and moments
   c.method = dict(
-      name="baseline",           # a name in methods.REGISTRY: baseline | raptr | pld
+      name="baseline",           # methods.REGISTRY: baseline | raptr | pld | stacking |
+                                 # growth | random_ltd
       raptr=dict(                # methods/raptr.py (RaPTr, Algorithm 1 and Appendices E, G, J)
           axis="depth",          # depth | heads | mlp (Section 4.3: Attention- / MLP-RaPTr)
           mlp_parts=4,           # axis=mlp: the MLP's hidden units in this many equal parts
@@ -94,7 +95,18 @@ def base_config() -> ml_collections.ConfigDict:
           ramp=0.05,             # msg: budget fraction over which a new unit's mask goes 0 -> 1
           depth_mode="",         # "" = operator's: msg top | bert2bert stack | lemon consecutive
           lemon_noise=0.1,       # lemon: std of the random fan-in split, relative to std(W)
-          optimizer_state="fresh"))
+          optimizer_state="fresh"),
+      random_ltd=dict(           # methods/random_ltd.py (random-LTD, Yao et al. 2022)
+          layers="",             # wrapped layer ids, e.g. "1,2,3"; "" = all but first and last
+          schedule="mslg",       # mslg (linear kept-length growth) | constant (min_value always)
+          min_value=0,           # kept tokens per row at the start; 0 = data.seq_len // 16
+          max_value=0,           # largest kept length before full; 0 = data.seq_len
+          seq_per_step=16,       # kept length moves in multiples of this (DeepSpeed's key)
+          require_steps=0,       # steps until full length (budget.unit=steps); 0: the fraction
+          require_fraction=0.7,  # budget fraction until full length (GPT: 210B of 300B tokens)
+          stacks="both",         # t5: encoder | decoder | both
+          lr="layer_tokens",     # layer_tokens (LayerToken LR, App. C) | budget (run's clock)
+          max_compiles=32))      # more distinct kept lengths (compiles) than this: refused
   c.schedule = dict(name="cosine", peak=1e-3, warmup=0.05, final=0.1)
   c.eval = dict(every=0.25, batches=8, at_start=True)  # every: budget fraction; batches: 0 = whole split
   c.checkpoint = dict(every=200, keep=2, async_save=True)  # every: steps; 0 = only at the end

@@ -50,42 +50,63 @@ def cross_attention_forward_flops(cfg, batch: int, q_len: int, kv_len: int) -> f
 
 
 def family_train_flops(family: str, cfg, batch: int, seq_len: int, target_len: int = 0,
-                       num_layers: int | None = None) -> float:
+                       num_layers: int | None = None, token_drop: dict | None = None) -> float:
   """Model FLOPs of one training step of a family (``num_layers`` active layers per stack).
 
   decoder: causal layers + head on every position. bert: bidirectional layers + head on the
   ``max_predictions`` sparse positions (every position when 0). t5: bidirectional encoder on
   ``seq_len`` inputs; causal decoder with cross-attention on ``target_len`` targets; head on
-  the targets."""
-  if family == "decoder":
-    return train_flops_per_step(cfg, batch, seq_len, num_layers)
+  the targets. ``token_drop`` ({stack: (kept tokens per row, layers that keep them)}, stacks
+  ``layers`` or t5's ``encoder`` / ``decoder``): random-LTD's layers that see only their kept
+  tokens (a decoder layer's cross-attention then has that many queries over every input)."""
+  drop = token_drop or {}
+
+  def stack(name, length, layers, causal, cross=0):
+    kept, wrapped = drop.get(name, (length, 0))
+    one = lambda q: layer_forward_flops(cfg, batch * q, q, causal) + (
+        cross_attention_forward_flops(cfg, batch, q, cross) if cross else 0.0)
+    return one(length) * (layers - wrapped) + one(kept) * wrapped
+
   head = lambda positions: 2 * cfg.d_model * cfg.vocab_size * batch * positions
+  if family == "decoder":
+    layers = cfg.num_layers if num_layers is None else num_layers
+    return 3.0 * (stack("layers", seq_len, layers, True) + head(seq_len))
   if family == "bert":
     layers = cfg.num_layers if num_layers is None else num_layers
-    fwd = layer_forward_flops(cfg, batch * seq_len, seq_len, causal=False) * layers
-    return 3.0 * (fwd + head(cfg.max_predictions or seq_len))
+    return 3.0 * (stack("layers", seq_len, layers, False) + head(cfg.max_predictions or seq_len))
   if family == "t5":
     t = target_len or max(1, seq_len // 4)
-    enc = layer_forward_flops(cfg, batch * seq_len, seq_len, causal=False) * (
-        cfg.num_layers if num_layers is None else num_layers)
-    dec_layer = layer_forward_flops(cfg, batch * t, t, causal=True) + cross_attention_forward_flops(cfg, batch, t, seq_len)
-    return 3.0 * (enc + dec_layer * (cfg.decoder_layers if num_layers is None else num_layers) + head(t))
+    enc = stack("encoder", seq_len, cfg.num_layers if num_layers is None else num_layers, False)
+    dec = stack("decoder", t, cfg.decoder_layers if num_layers is None else num_layers, True, cross=seq_len)
+    return 3.0 * (enc + dec + head(t))
   raise ValueError(f"no FLOP count for family {family!r}")
+
+
+def stack_lengths(family: str, seq_len: int, target_len: int = 0) -> dict[str, int]:
+  """{stack: tokens per row} of a family's layer stacks (t5's decoder runs on the targets)."""
+  if family == "t5":
+    return {"encoder": seq_len, "decoder": target_len or max(1, seq_len // 4)}
+  return {"layers": seq_len}
 
 
 class StageFlops:
   """Model FLOPs of one step of a plan stage: its active layers, its architecture
   (``stage.view`` and ``stage.width`` override model fields such as ``num_layers`` or
-  ``num_heads``), and for a dynamic layer count (``stage.
-  layer_fraction``) the expected count at the step's budget fraction. Static stages are
-  computed once."""
+  ``num_heads``), its dropped tokens (``stage.token_drop``), and for a dynamic layer count
+  (``stage.layer_fraction``) the expected count at the step's budget fraction. Static stages
+  are computed once. ``layer_tokens`` counts a step's layer-tokens (random-LTD's LayerToken:
+  the sum over layers of the tokens each layer saw)."""
 
   def __init__(self, family: str, cfg, batch: int, seq_len: int, target_len: int = 0):
     self.cfg = cfg
-    self._of = lambda c, layers=None: family_train_flops(family, c, batch, seq_len, target_len, layers)
+    self.batch = batch
+    self.lengths = stack_lengths(family, seq_len, target_len)
+    self._of = lambda c, layers=None, drop=None: family_train_flops(
+        family, c, batch, seq_len, target_len, layers, drop)
     self.full = self._of(cfg)
     # Share of a full step's FLOPs spent in the layers (the rest: embedding, head, loss).
     self.layer_share = 1.0 - self._of(cfg, 0) / self.full
+    self.full_layer_tokens = self.layer_tokens(None, 0.0)
     self._static = {}
 
   def layers(self, stage, fraction: float) -> float:
@@ -94,12 +115,31 @@ class StageFlops:
       return self.cfg.num_layers * stage.layer_fraction(fraction)
     return stage.active_layers or stage.model_fields().get("num_layers", self.cfg.num_layers)
 
+  def layer_tokens(self, stage, fraction: float) -> float:
+    """Layer-tokens of one step: per stack, the tokens each (expected) active layer saw."""
+    fields = stage.model_fields() if stage is not None else {}
+    share = 1.0
+    if stage is not None and stage.layer_fraction is not None:
+      share = stage.layer_fraction(fraction)
+    drop = (stage.token_drop if stage is not None else None) or {}
+    total = 0.0
+    for name, length in self.lengths.items():
+      if stage is not None and stage.active_layers is not None:
+        layers = stage.active_layers
+      elif name == "decoder":
+        layers = fields.get("num_layers", self.cfg.decoder_layers)
+      else:
+        layers = fields.get("num_layers", self.cfg.num_layers)
+      kept, wrapped = drop.get(name, (length, 0))
+      total += self.batch * (length * (layers * share - wrapped) + kept * wrapped)
+    return total
+
   def __call__(self, stage, fraction: float) -> float:
     if stage.layer_fraction is not None:
       return self.full * (1.0 - self.layer_share * (1.0 - stage.layer_fraction(fraction)))
     if stage.shape not in self._static:
       cfg = dataclasses.replace(self.cfg, **stage.model_fields())
-      self._static[stage.shape] = self._of(cfg, stage.active_layers)
+      self._static[stage.shape] = self._of(cfg, stage.active_layers, stage.token_drop)
     return self._static[stage.shape]
 
 

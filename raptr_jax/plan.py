@@ -1,7 +1,9 @@
 """A run is a plan: an ordered list of stages over one progress clock.
 
 * The **clock** counts progress in the budget's unit: ``steps`` (1 per step), ``tokens``
-  (batch x sequence length per step: every position the model is fed, padding included) or
+  (batch x sequence length per step: every position the model is fed, padding included),
+  ``layer_tokens`` (random-LTD's LayerToken: the sum over the layers a step runs of the tokens
+  each saw, ``flops.StageFlops.layer_tokens``; full training charges tokens x layers) or
   ``rst_seconds`` (reference system time, No Train No Gain: each step is charged what its step
   kind took on the reference system, from a calibration table, see ``rst.py``). Each stage says
   what one of its steps costs, so methods whose steps differ in cost are charged honestly. The budget fraction ``progress / budget`` drives the LR schedule, stage boundaries
@@ -23,7 +25,7 @@
 import dataclasses
 from typing import Callable, Hashable
 
-UNITS = ("steps", "tokens", "rst_seconds")
+UNITS = ("steps", "tokens", "layer_tokens", "rst_seconds")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +40,7 @@ class Stage:
   width: dict | None = None               # model fields a step effectively has, e.g. {"num_heads": 6}
   view: dict | None = None                # model fields of the smaller model this stage runs
   eval_select: Callable | None = None     # progress -> Selection | None for evaluation
+  token_drop: dict | None = None          # {stack: (kept tokens per row, layers keeping them)}
 
   def model_fields(self) -> dict:
     """Model fields a step of this stage effectively has (for FLOPs and metrics)."""
@@ -52,6 +55,7 @@ class Plan:
   tokens_per_step: int
   step_costs: dict | None = None          # rst_seconds: {(stage.shape, hessian): seconds}
   layer_cost_share: float = 1.0           # share of a full step's FLOPs spent in the layers
+  layer_tokens: Callable | None = None    # (stage, fraction) -> layer-tokens of one step
 
   def __post_init__(self):
     if self.unit not in UNITS:
@@ -79,6 +83,11 @@ class Plan:
       return 1.0
     if self.unit == "tokens":
       return float(stage.tokens_per_step or self.tokens_per_step)
+    if self.unit == "layer_tokens":
+      if self.layer_tokens is None:
+        raise ValueError("a plan on the layer_tokens clock needs its layer-token counts "
+                         "(Plan.layer_tokens; run.setup attaches flops.StageFlops.layer_tokens)")
+      return float(self.layer_tokens(stage, fraction))
     seconds = float(self.step_costs[(stage.shape, hessian)])
     if stage.layer_fraction is not None:  # calibrated with every layer running
       seconds *= 1.0 - self.layer_cost_share * (1.0 - stage.layer_fraction(fraction))

@@ -113,7 +113,8 @@ def setup(cfg) -> Run:
   plan = build_plan(cfg, mcfg)
   stage_flops = flops_lib.StageFlops(cfg.model.family, mcfg, cfg.data.batch_size, cfg.data.seq_len,
                                      target_length(cfg.data))
-  plan = dataclasses.replace(plan, layer_cost_share=stage_flops.layer_share)
+  plan = dataclasses.replace(plan, layer_cost_share=stage_flops.layer_share,
+                             layer_tokens=stage_flops.layer_tokens)
   s = cfg.schedule
   lr_fn = method.lr_schedule(cfg, plan, functools.partial(
       learning_rate, name=s.name, peak=s.peak, warmup=s.warmup, final=s.final))

@@ -3,6 +3,7 @@
 from raptr_jax.methods.base import Method
 from raptr_jax.methods.growth import Growth
 from raptr_jax.methods.pld import ProgressiveLayerDropping
+from raptr_jax.methods.random_ltd import RandomLTD
 from raptr_jax.methods.raptr import Raptr
 from raptr_jax.methods.stacking import Stacking
 
@@ -12,6 +13,7 @@ REGISTRY: dict[str, type[Method]] = {
     "pld": ProgressiveLayerDropping,
     "stacking": Stacking,
     "growth": Growth,
+    "random_ltd": RandomLTD,
 }
 
 

@@ -11,7 +11,8 @@ default, so a method overrides only what it changes:
   inside the jitted step; a ``Selection`` or None), the architecture it runs (``view``: model
   fields of a smaller model whose parameters are the leading slices of the full ones, e.g.
   ``{"num_layers": 4}``), and what its steps cost (``active_layers``, ``width``,
-  ``layer_fraction``, ``tokens_per_step``), from which FLOPs, MFU and RST charges follow.
+  ``layer_fraction``, ``tokens_per_step``, ``token_drop``), from which FLOPs, MFU, layer-token
+  and RST charges follow.
 * ``transition(state, old, new, ctx)``: a host-side transform of the train state (params and
   optimizer state) when the run enters stage ``new`` from ``old``: growth operators. Called
   once per boundary crossed, in order, also when a run resumes before a boundary.

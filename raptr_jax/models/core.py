@@ -16,7 +16,7 @@ from flax import nnx
 
 from raptr_jax.models import layers
 from raptr_jax.models.config import REMAT_POLICIES, ModelConfig
-from raptr_jax.models.selection import LayerSelection, Selection, TokenSelection
+from raptr_jax.models.selection import LayerSelection, Selection
 
 
 def logical_param(key, shape, axes, std, dtype):
@@ -84,14 +84,19 @@ class StackedLayers(nnx.Module):
         self.sow(nnx.Intermediate, "layer_outputs", jnp.concatenate([x[None], ys]))
         return out
       return self._scan(per_layer, x, attend)
-    a, b = token_sel.start, token_sel.start + token_sel.num_layers
-    if not 0 <= a < b <= k:
-      raise ValueError(f"token selection covers selected layers [{a}, {b}) of {k}")
+    wrapped = token_sel.positions()
+    if any(b <= a for a, b in zip(wrapped, wrapped[1:])) or not 0 <= wrapped[0] <= wrapped[-1] < k:
+      raise ValueError(f"token selection wraps selected layers {wrapped}: they must ascend within [0, {k})")
     part = lambda lo, hi: jax.tree.map(lambda p: p[lo:hi], per_layer)
-    x = self._scan(part(0, a), x, attend)
-    x = self._scan_dropped(part(a, b), token_sel, x, positions, segment_ids, prefix,
-                           relative_table, context, context_segment_ids)
-    return self._scan(part(b, k), x, attend)
+    # Runs of consecutive wrapped positions share one scan; the layers between run in full.
+    done, row = 0, 0
+    for a, b in _runs(wrapped):
+      x = self._scan(part(done, a), x, attend)
+      tokens = jax.tree.map(lambda t: t[row:row + b - a], token_sel.indices)
+      x = self._scan_dropped(part(a, b), tokens, x, positions, segment_ids, prefix,
+                             relative_table, context, context_segment_ids, hidden)
+      done, row = b, row + b - a
+    return self._scan(part(done, k), x, attend)
 
   def _attend(self, positions, segment_ids, prefix, rows, relative_table, context, context_segment_ids,
               hidden=None):
@@ -140,23 +145,41 @@ class StackedLayers(nnx.Module):
       outs.append(y)
     return (x, jnp.stack(outs)) if collect else x
 
-  def _scan_dropped(self, per_layer, token_sel: TokenSelection, x, positions, segment_ids,
-                    prefix, relative_table, context, context_segment_ids):
-    """Layers that see only the selected tokens of each example; the rest pass through."""
+  def _scan_dropped(self, per_layer, indices, x, positions, segment_ids, prefix, relative_table,
+                    context, context_segment_ids, hidden=None):
+    """Layers that see only their kept tokens (``indices`` [n, B, r], one row per layer); the
+    rest of each row passes through. The kept tokens keep their original positions (rotary),
+    segment ids, prefix flags and row indices (T5's relative buckets), so every mask is the
+    full layer's mask restricted to them; cross-attention reads the whole ``context``."""
     body = self._body()
-    if segment_ids is None:
-      segment_ids = jnp.ones(x.shape[:2], jnp.int32)
-      if context is not None and context_segment_ids is None:
-        context_segment_ids = jnp.ones(context.shape[:2], jnp.int32)
+    if segment_ids is None and prefix is None and context is None and relative_table is None and self.causal:
+      gathered_segments = lambda idx: None  # sorted kept tokens of one row: plain causal attention
+    else:
+      if segment_ids is None:
+        segment_ids = jnp.ones(x.shape[:2], jnp.int32)
+        if context is not None and context_segment_ids is None:
+          context_segment_ids = jnp.ones(context.shape[:2], jnp.int32)
+      gathered_segments = lambda idx: gather(segment_ids, idx)
     gather = jax.vmap(lambda a, i: jnp.take(a, i, axis=0))
     scatter = jax.vmap(lambda a, i, u: a.at[i].set(u))
 
     def step(h, layer_and_tokens):
       layer, idx = layer_and_tokens
       pre = None if prefix is None else gather(prefix, idx)
-      attend = self._attend(gather(positions, idx), gather(segment_ids, idx), pre, idx,
-                            relative_table, context, context_segment_ids)
+      attend = self._attend(gather(positions, idx), gathered_segments(idx), pre, idx,
+                            relative_table, context, context_segment_ids, hidden)
       out = self._layer(body, layer, gather(h, idx), attend)
       return scatter(h, idx, out), None
 
-    return jax.lax.scan(step, x, (per_layer, token_sel.indices))[0]
+    return jax.lax.scan(step, x, (per_layer, indices))[0]
+
+
+def _runs(positions):
+  """[(a, b)]: the maximal runs a, a + 1, ..., b - 1 of ascending ``positions``."""
+  out = []
+  for p in positions:
+    if out and out[-1][1] == p:
+      out[-1] = (out[-1][0], p + 1)
+    else:
+      out.append((p, p + 1))
+  return out

@@ -22,9 +22,11 @@ dropping starts) fix the compiled shape, so one compile serves a whole stage.
   growth): embeddings and every residual branch are multiplied by it, and RMSNorm takes its
   statistics weighted by it (``layers.rms_norm``), so at 0 on the new dimensions the model is
   exactly the narrower one.
-* ``TokenSelection``: for ``num_layers`` consecutive selected layers starting at selected-layer
-  position ``start``, each example keeps ``r`` of its S positions (``indices`` [num_layers, B, r],
-  sorted so causal and prefix masks stay valid); dropped positions pass through unchanged.
+* ``TokenSelection``: for ``num_layers`` selected layers (the positions ``layers``, or the
+  consecutive ones from ``start``), each example keeps ``r`` of its S positions (``indices``
+  [num_layers, B, r], sorted so causal and prefix masks stay valid): the layer runs on the kept
+  tokens with their original positions, segment ids and prefix flags, its outputs are scattered
+  back, and dropped positions pass through unchanged (random-LTD).
 * ``EncoderDecoderSelection``: one ``Selection`` per stack of an encoder-decoder model (either
   may be None: that stack runs in full), so a method can act on the encoder, the decoder or both.
 
@@ -73,10 +75,22 @@ class WidthSelection:
 class TokenSelection:
   indices: jax.Array                                  # [num_layers, B, r] int32, ascending
   start: int = dataclasses.field(default=0, metadata=dict(static=True))
+  # The selected-layer positions the rows of ``indices`` apply to (ascending, any spacing);
+  # None: the consecutive positions start, start + 1, ...
+  layers: tuple[int, ...] | None = dataclasses.field(default=None, metadata=dict(static=True))
 
   @property
   def num_layers(self) -> int:
     return self.indices.shape[0]
+
+  def positions(self) -> tuple[int, ...]:
+    """The selected-layer positions that see only their kept tokens, ascending."""
+    if self.layers is not None:
+      if len(self.layers) != self.num_layers:
+        raise ValueError(f"token selection names {len(self.layers)} layers but has indices for "
+                         f"{self.num_layers}")
+      return tuple(self.layers)
+    return tuple(range(self.start, self.start + self.num_layers))
 
 
 @jax.tree_util.register_dataclass

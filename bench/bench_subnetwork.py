@@ -50,7 +50,7 @@ def variants(cfg, fractions, width: bool, pld_at: float | None, stacking: bool =
     c = cfg.copy_and_resolve_references()
     eighth = max(1, cfg.data.seq_len // 8)
     c.method.name = "random_ltd"
-    c.method.random_ltd.update(min_value=eighth, max_value=4 * eighth, seq_per_step=eighth,
+    c.method.random_ltd.update(min_value=eighth, max_value=5 * eighth, seq_per_step=eighth,
                                require_fraction=0.8, lr="budget")
     out.append(("random_ltd", c))
   if pld_at is not None:

@@ -1,13 +1,15 @@
-"""Baseline, RaPTr, progressive layer dropping and layer stacking on the default UL2 decoder
+"""Baseline, RaPTr, progressive layer dropping, layer stacking and random-LTD on the default UL2 decoder
 (4 layers, built-in corpus) under one budget of 180 seconds of reference system time, the
 2-core CPU reference of ``rst_tables/cpu_2core.json`` (step kinds missing there are calibrated
-on the current device first, which makes it their reference). About 15 minutes on 2 CPU cores.
+on the current device first, which makes it their reference). About 20 minutes on 2 CPU cores.
 
     python -m raptr_jax.compare --config=configs/compare_methods.py --workdir=runs/compare_methods
 
 Each method at its defaults: RaPTr's recommended 4-stage schedule (2-2.7-3.3-4 of 4 layers,
 first and last fixed, h_sqrt scaling), PLD (theta_bar 0.5, gamma_f 100), stacking 1 -> 2 -> 4
-layers at 12.5% and 30% of the budget (No Train No Gain's fractions). Writes results.md,
+layers at 12.5% and 30% of the budget (No Train No Gain's fractions), random-LTD on the middle
+2 layers with kept length 16 -> 128 by 16 over 70% of the budget (the run's LR on the RST clock:
+the LayerToken LR needs step counts an RST budget does not fix). Writes results.md,
 results.csv and loss_vs_rst_180.png in the workdir; the committed output is in
 ``docs/compare_methods/``.
 """
@@ -23,6 +25,7 @@ def get_comparison():
           "raptr": ["method.name=raptr"],
           "pld": ["method.name=pld"],
           "stacking": ["method.name=stacking"],
+          "random_ltd": ["method.name=random_ltd", "method.random_ltd.lr=budget"],
       },
       seeds=[0],
       budgets=[180.0],

@@ -135,11 +135,12 @@ class StageFlops:
     return total
 
   def __call__(self, stage, fraction: float) -> float:
-    if stage.layer_fraction is not None:
-      return self.full * (1.0 - self.layer_share * (1.0 - stage.layer_fraction(fraction)))
     if stage.shape not in self._static:
       cfg = dataclasses.replace(self.cfg, **stage.model_fields())
-      self._static[stage.shape] = self._of(cfg, stage.active_layers, stage.token_drop)
+      layers = None if stage.layer_fraction is not None else stage.active_layers
+      self._static[stage.shape] = self._of(cfg, layers, stage.token_drop)
+    if stage.layer_fraction is not None:  # all layers' FLOPs, the layers' share scaled
+      return self._static[stage.shape] * (1.0 - self.layer_share * (1.0 - stage.layer_fraction(fraction)))
     return self._static[stage.shape]
 
 

@@ -32,3 +32,21 @@ def register_method(monkeypatch, name, stages):
   cls = type(name, (methods.Method,), {"name": name, "stages": lambda self, cfg, model_cfg: stages(cfg)})
   monkeypatch.setitem(methods.REGISTRY, name, cls)
   return cls
+
+
+def straight_and_resumed(cfg, tmp_path, stop: int, keys):
+  """Trains ``cfg`` uninterrupted and again killed after step ``stop`` then resumed; asserts
+  both logged the same steps and the same values of ``keys``; returns the straight run's rows."""
+  from raptr_jax import train as train_lib
+  from raptr_jax.metrics import read_metrics
+  train_lib.train(cfg, str(tmp_path / "straight"))
+  cfg.train.stop_at_step = stop
+  assert train_lib.train(cfg, str(tmp_path / "killed"))["stopped"]
+  cfg.train.stop_at_step = 0
+  train_lib.train(cfg, str(tmp_path / "killed"))
+  straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "killed")
+  assert [r["step"] for r in resumed] == [r["step"] for r in straight]
+  for a, b in zip(straight, resumed):
+    for key in keys:
+      assert a.get(key) == b.get(key), (a["step"], key)
+  return straight

@@ -2,6 +2,7 @@
 stack (masks, positions, relative buckets, cross-attention), gradients, MSLG arithmetic against
 DeepSpeed's rule and the paper's worked layer-token savings, the LayerToken LR, config errors."""
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -11,11 +12,23 @@ from flax import nnx
 
 from raptr_jax import flops as flops_lib
 from raptr_jax import run as run_lib
-from raptr_jax.config import load_config, validate
+from raptr_jax import train as train_lib
+from raptr_jax.config import validate
+from raptr_jax.config import load_config as _load_config
+from raptr_jax.metrics import read_metrics
 from raptr_jax.methods import get_method
 from raptr_jax.methods import random_ltd as ltd
 from raptr_jax.models import ModelConfig, Selection, TokenSelection, build_model, layers
 from raptr_jax.optim.schedules import learning_rate
+from conftest import quiet, straight_and_resumed
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(config: str, overrides=()):
+  """``configs/x.py[:preset]`` relative to the repository, whatever the working directory."""
+  return _load_config(os.path.join(ROOT, config), overrides)
+
 
 CFG = ModelConfig(vocab_size=64, d_model=32, num_layers=5, num_heads=4, head_dim=8, mlp_dim=48,
                   dtype="float32")
@@ -308,3 +321,55 @@ def test_paper_presets_build_their_schedules(config, stages, first, end):
   assert plan[0].token_drop["layers"][0] == first
   assert plan[-2].end == pytest.approx(end, abs=1e-4) and plan[-1].shape == ("full",)
   assert plan[0].token_drop["layers"][1] == cfg.model.num_layers - 2
+
+
+@pytest.mark.parametrize("stop", [3, 6])   # inside the r=32 stage; at the switch to full length
+def test_resume_matches_an_uninterrupted_run(tiny_config, tmp_path, stop):
+  cfg = tiny_config   # UL2 prefix-LM, packed rows, seq 64
+  cfg.method.name = "random_ltd"
+  cfg.method.random_ltd.update(layers="1", min_value=16, seq_per_step=16, require_fraction=0.5)
+  cfg.budget.value, cfg.checkpoint.every, cfg.log.every, cfg.eval.every = 12, 1, 1, 0.5
+  straight = straight_and_resumed(cfg, tmp_path, stop, ("train/loss", "grad_norm", "eval/loss", "lr",
+                                                         "layer_tokens", "layer_tokens/saved"))
+  assert [r.get("random_ltd/kept") for r in straight][1:] == [16] * 2 + [32] * 2 + [48] * 2 + [64] * 6
+
+
+# --- composition ---
+
+def _composed(name, *overrides):
+  return load_config("configs/gpt.py:tiny_random_ltd", [f"method.name={name}", "budget.value=8",
+                                                         "log.every=1", "eval.every=0.5", *overrides])
+
+
+def test_composes_with_width_raptr_and_pld_in_one_step(tmp_path):
+  cfg = quiet(_composed("random_ltd+raptr", "method.raptr.axis=heads", "method.raptr.schedule=1-2"))
+  stages = get_method(cfg.method.name, cfg).stages(cfg, cfg.model)
+  # RaPTr's 2 stages (ends 0.5, 1) x random-LTD's kept lengths 16, 32, 48 then full (0.7).
+  assert [s.end for s in stages] == pytest.approx([0.2333, 0.4667, 0.5, 0.7, 1.0], abs=1e-4)
+  assert [(s.width or {}).get("num_heads", 2) for s in stages] == [1, 1, 1, 2, 2]
+  assert [s.token_drop["layers"][0] if s.token_drop else 64 for s in stages] == [16, 32, 48, 48, 64]
+  out = train_lib.train(cfg, str(tmp_path / "raptr"))
+  rows = read_metrics(tmp_path / "raptr")[1:]
+  assert [r["random_ltd/kept"] for r in rows] == [16, 16, 32, 32, 48, 48, 64, 64]
+  assert [r["subnetwork/num_heads"] for r in rows] == [1] * 4 + [2] * 4
+  assert np.isfinite(out["train/loss"])
+  # The composite's FLOPs see both: fewer heads and fewer tokens than either alone.
+  run = run_lib.setup(cfg)
+  alone = run_lib.setup(load_config("configs/gpt.py:tiny_random_ltd", ["budget.value=8"]))
+  assert run.stage_flops(run.plan.stages[0], 0.0) < alone.stage_flops(alone.plan.stages[0], 0.0)
+
+  cfg = quiet(_composed("pld+random_ltd"))
+  train_lib.train(cfg, str(tmp_path / "pld"))
+  rows = read_metrics(tmp_path / "pld")[1:]
+  assert [r["random_ltd/kept"] for r in rows][:2] == [16, 16] and "subnetwork/avg_layers" in rows[0]
+
+
+def test_compositions_that_move_layers_are_refused():
+  with pytest.raises(ValueError, match="runs 2 of 4 layers"):
+    _composed("random_ltd+raptr", "method.raptr.schedule=2-4")
+  with pytest.raises(ValueError, match="random_ltd does not compose with stacking"):
+    _composed("random_ltd+stacking")
+  with pytest.raises(ValueError, match="both composed methods select tokens"):
+    from raptr_jax.methods.compose import merge_selections
+    sel = Selection(tokens=TokenSelection(jnp.zeros((1, 1, 1), jnp.int32)))
+    merge_selections(sel, sel)

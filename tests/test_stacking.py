@@ -14,7 +14,7 @@ from raptr_jax.checkpoint import CheckpointError
 from raptr_jax.config import validate
 from raptr_jax.metrics import read_metrics
 from raptr_jax.methods.growth_ops import depth_order
-from conftest import load_config, quiet
+from conftest import load_config, quiet, straight_and_resumed
 
 
 @pytest.mark.parametrize("mode,old,new,order,new_units", [
@@ -123,17 +123,9 @@ def test_resume_before_at_and_after_a_growth_matches_an_uninterrupted_run(tiny_c
   cfg.method.name = "stacking"
   cfg.method.stacking.update(depths=(1, 2), grow_at=(0.5,))  # tiny: 2 layers, growth after step 6
   cfg.budget.value, cfg.checkpoint.every, cfg.log.every, cfg.eval.every = 12, 1, 1, 0.5
-  train_lib.train(cfg, str(tmp_path / "straight"))
-  cfg.train.stop_at_step = stop
-  assert train_lib.train(cfg, str(tmp_path / "killed"))["stopped"]
-  cfg.train.stop_at_step = 0
-  train_lib.train(cfg, str(tmp_path / "killed"))
-  straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "killed")
+  straight = straight_and_resumed(cfg, tmp_path, stop, ("train/loss", "grad_norm", "eval/loss",
+                                                         "subnetwork/layers"))
   assert [r.get("stage") for r in straight][1:] == [0] * 6 + [1] * 6
-  assert [r["step"] for r in resumed] == [r["step"] for r in straight]
-  for a, b in zip(straight, resumed):
-    for key in ("train/loss", "grad_norm", "eval/loss", "subnetwork/layers"):
-      assert a.get(key) == b.get(key), (a["step"], key)
 
 
 def test_resuming_under_a_changed_growth_schedule_is_refused(tiny_config, tmp_path):

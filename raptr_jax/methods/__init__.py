@@ -1,6 +1,7 @@
 """Training methods behind one interface (``methods/base.py``): a registry keyed by
 ``method.name``. Adding a method is one module here and one line in ``REGISTRY``."""
 from raptr_jax.methods.base import Method
+from raptr_jax.methods.compose import Composite
 from raptr_jax.methods.growth import Growth
 from raptr_jax.methods.pld import ProgressiveLayerDropping
 from raptr_jax.methods.random_ltd import RandomLTD
@@ -24,15 +25,17 @@ def get_method(name: str, cfg=None) -> Method:
   unknown = [p for p in parts if p not in REGISTRY]
   if unknown:
     raise ValueError(f"unknown method.name {unknown[0]!r}; available: {sorted(REGISTRY)}")
-  if len(parts) > 1:
-    first, *rest = (REGISTRY[p]() for p in parts)
-    bad = [m.name for m in rest if m.name not in first.composes_with]
-    if bad:
-      allowed = ", ".join(f"{first.name}+{n}" for n in first.composes_with) or "none"
-      raise ValueError(f"method.name={name!r}: {first.name} does not compose with {bad[0]} "
-                       f"(compositions of {first.name}: {allowed}); run one method, e.g. "
-                       f"method.name={first.name!r}")
-    raise ValueError(f"method.name={name!r}: composition is declared but not implemented")
+  if len(parts) > 2:
+    raise ValueError(f"method.name={name!r}: compose two methods at most, e.g. {parts[0]}+{parts[1]}")
+  if len(parts) == 2:
+    first, second = (REGISTRY[p](cfg) for p in parts)
+    if second.name not in first.composes_with and first.name not in second.composes_with:
+      allowed = sorted({f"{first.name}+{n}" for n in first.composes_with}
+                       | {f"{n}+{first.name}" for n in REGISTRY if first.name in REGISTRY[n].composes_with})
+      raise ValueError(f"method.name={name!r}: {first.name} does not compose with {second.name} "
+                       f"(compositions of {first.name}: {', '.join(allowed) or 'none'}); run one "
+                       f"method, e.g. method.name={first.name!r}")
+    return Composite([first, second], cfg)
   return REGISTRY[parts[0]](cfg)
 
 

@@ -22,8 +22,10 @@ default, so a method overrides only what it changes:
 * ``lr_schedule(cfg, plan, lr_fn)``: the learning rate as a function of the budget fraction,
   given the run's ``lr_fn`` (RaPTr's paper LR decays only in its final stage).
 * ``metrics(stage, fraction)``: host-side values logged with every logged step.
-* ``composes_with``: names of methods this one can be combined with (``method.name="a+b"``);
-  every other pair is rejected at config validation.
+* ``composes_with``: names of methods this one can be combined with (``method.name="a+b"``,
+  ``methods/compose.py``: the product of both plans, selections merged field by field); every
+  other pair is rejected at config validation. ``check_partner(cfg, model_cfg, stages)``
+  (optional) refuses a partner's stages this method cannot run beside.
 
 Adding a method: write ``methods/mine.py`` with a ``Method`` subclass (docstring: its paper,
 algorithm and defaults), add its options to ``config.base_config().method.mine``, and add one

@@ -110,6 +110,18 @@ class RandomLTD(Method):
   """random-LTD on the method interface (``method.name=random_ltd``, options in
   ``method.random_ltd``)."""
   name = "random_ltd"
+  composes_with = ("raptr", "pld")   # width RaPTr or PLD: every layer keeps its position
+
+  def check_partner(self, cfg, model_cfg, stages) -> None:
+    """Wrapped layer ids are positions in the stack a step runs, so a partner must run all L
+    layers in every stage (RaPTr's width axes, PLD); depth subnetworks and stacking are refused."""
+    L = model_cfg.num_layers
+    for st in stages:
+      k = st.active_layers if st.active_layers is not None else (st.view or {}).get("num_layers", L)
+      if k != L:
+        raise ValueError(f"method.name={cfg.method.name!r}: stage {st.name!r} runs {k:g} of {L} layers, "
+                         "and random-LTD's wrapped layers are positions in the full stack; compose "
+                         "random-LTD with method.raptr.axis=heads or mlp, or with pld")
 
   def settings(self, cfg, model_cfg=None):
     """The resolved options: {min, max, step, require, stacks: {stack: (wrapped, length)}}."""

@@ -91,7 +91,7 @@ def train(cfg, workdir: str) -> dict:
   start = checkpointer.latest_step()
   if start is None:
     state, progress, step, tokens, wall_before = run.init(), 0.0, 0, 0, 0.0
-    usage = {"layers": 0.0, "flops": 0.0, "layer_tokens": 0.0, "full_layer_tokens": 0.0}
+    usage = {"layers": 0.0, "flops": 0.0, "layer_tokens": 0.0}
     state_stage = 0  # the plan stage whose model the train state holds (growth changes it)
   else:
     state, meta = checkpointer.restore(start, run.abstract_state, expected_meta)
@@ -104,7 +104,7 @@ def train(cfg, workdir: str) -> dict:
           f"its progress lies in stage {plan.stage_index(progress / budget)}: a changed budget moves "
           "the stage boundaries of this run. Resume with the budget that wrote it, or use a fresh --workdir.")
     wall_before = float(meta.get("wall_s", 0.0))
-    usage = {"layer_tokens": 0.0, "full_layer_tokens": 0.0} | dict(meta.get("usage", {"layers": 0.0, "flops": 0.0}))
+    usage = {"layer_tokens": 0.0} | dict(meta.get("usage", {"layers": 0.0, "flops": 0.0}))
     stream.set_state(meta["data"])
     writer.truncate_after(step)
     if lead:
@@ -165,7 +165,6 @@ def train(cfg, workdir: str) -> dict:
       usage["layers"] += active
       usage["flops"] += step_flops / stage_flops.full
       usage["layer_tokens"] += stage_flops.layer_tokens(stage, fraction)
-      usage["full_layer_tokens"] += stage_flops.full_layer_tokens
       if (stage.shape, hessian) in compiled:
         timer.add(m, step_tokens, step_flops * (2 if hessian else 1))
       else:  # this step compiled: keep it out of the timings
@@ -191,7 +190,7 @@ def train(cfg, workdir: str) -> dict:
         if len(plan.stages) > 1 or stage.select is not None:  # subnetwork now, average, FLOPs vs full
           row |= {"subnetwork/layers": active, "subnetwork/avg_layers": usage["layers"] / step,
                   "flops/relative": usage["flops"] / step, "layer_tokens": usage["layer_tokens"],
-                  "layer_tokens/saved": 1.0 - usage["layer_tokens"] / usage["full_layer_tokens"]}
+                  "layer_tokens/saved": 1.0 - usage["layer_tokens"] / (step * stage_flops.full_layer_tokens)}
           fields = stage.model_fields()  # width now (heads, MLP, hidden size) where stages vary it
           row |= {f"subnetwork/{k}": fields.get(k, getattr(run.model_cfg, k)) for k in width_keys}
         row |= run.method.metrics(stage, fraction)

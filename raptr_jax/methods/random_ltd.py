@@ -36,6 +36,7 @@ with ``jnp.take`` along the row and scatters back with ``.at[].set`` (vmapped ov
 Defaults: min_value = S / 16 (the paper's GPT 128 of 2048), max_value = S, seq_per_step 16,
 require_fraction 0.7 (GPT: full length after 210B of 300B tokens), LayerToken LR.
 """
+import functools
 import math
 
 import jax
@@ -179,16 +180,18 @@ class RandomLTD(Method):
   def validate(self, cfg) -> None:
     self.stages(cfg, cfg.model)
 
-  def lengths(self, cfg, model_cfg=None) -> list[tuple[int, float, float]]:
-    """[(r, start, end)] over the budget (r in tokens of ``data.seq_len``)."""
-    s, S = self.settings(cfg, model_cfg), cfg.data.seq_len
+  @staticmethod
+  def lengths(cfg, s) -> list[tuple[int, float, float]]:
+    """[(r, start, end)] over the budget (r in tokens of ``data.seq_len``) for the resolved
+    options ``s`` (``settings``)."""
+    S = cfg.data.seq_len
     if cfg.method.random_ltd.schedule == "constant":
       return [(first_length(s["min"], s["step"]), 0.0, 1.0)] if s["min"] < S else [(S, 0.0, 1.0)]
     return mslg_stages(s["min"], s["max"], s["step"], s["require"], S)
 
   def stages(self, cfg, model_cfg):
     s, S = self.settings(cfg, model_cfg), cfg.data.seq_len
-    lengths = self.lengths(cfg, model_cfg)
+    lengths = self.lengths(cfg, s)
     limit = int(cfg.method.random_ltd.max_compiles)
     if len(lengths) > limit:
       span = s["max"] - first_length(s["min"], s["step"])
@@ -221,10 +224,10 @@ class RandomLTD(Method):
     def select(key, batch, progress):
       del progress
       keys = dict(zip(names, jax.random.split(key, len(names))))
+      rows = next(iter(batch.values())).shape[0]
       sel = {}
       for name in names:
         wrapped, length = stacks[name]
-        rows = next(iter(batch.values())).shape[0]
         indices = draw_kept(keys[name], len(wrapped), rows, length, drop[name][0])
         sel[name] = Selection(tokens=TokenSelection(indices, layers=wrapped))
       if family_t5:
@@ -240,11 +243,16 @@ class RandomLTD(Method):
     xs, ys = jnp.asarray(fractions, jnp.float32), jnp.asarray(clock, jnp.float32)
     return lambda fraction: lr_fn(jnp.interp(fraction, xs, ys))
 
+  @functools.cached_property
+  def _stack_lengths(self) -> dict[str, int]:
+    """{wrapped stack: tokens per row} of this run (resolved once, for the per-step metrics)."""
+    return {name: length for name, (_, length) in self.settings(self.cfg)["stacks"].items()}
+
   def metrics(self, stage, fraction):
     """Kept tokens per row of each wrapped stack now (the whole length once MSLG is done)."""
     drop = stage.token_drop or {}
     out = {}
-    for name, (_, length) in self.settings(self.cfg).get("stacks", {}).items():
+    for name, length in self._stack_lengths.items():
       key = "random_ltd/kept" + ("" if name == "layers" else "_" + name)
       out[key] = drop[name][0] if name in drop else length
     return out

@@ -11,6 +11,9 @@
     python -m raptr_jax.main --config=configs/bert.py:msg --config.data.source=wikipedia_books ...   # or :lemon, :bert2bert
     python -m raptr_jax.main --config=configs/bert.py:raptr_base --config.data.source=wikipedia_books ...
     python -m raptr_jax.main --config=configs/bert.py:random_ltd_large --config.data.source=... ...
+    python -m raptr_jax.main --config=configs/bert.py:crammed_selective_backprop --config.data.source=c4 ...
+    python -m raptr_jax.il_losses build --config=configs/bert.py:crammed_rho_loss data.source=c4 ...  # once
+    python -m raptr_jax.main --config=configs/bert.py:crammed_rho_loss --config.data.source=c4 ...
 
 Presets:
 * default: a ~4M-parameter encoder (4 layers, d=256, learned positions, tied head) on the
@@ -24,6 +27,13 @@ Presets:
 * ``crammed_stacking``: ``crammed`` with No Train No Gain's layer stacking (Section 4.1, C.1):
   4 -> 8 -> 16 layers at 3 h and 7.2 h of the 24-hour budget (12.5% and 30%; any budget.value
   keeps the fractions), each layer copied on top, new layers with fresh optimizer state.
+* ``crammed_selective_backprop``: ``crammed`` with selective backprop as NTNG ran it (Section
+  5.1, C.3): beta = 1 (about half the scored rows kept), a 5000-loss history; scoring passes
+  charged on the RST clock (``--config.budget.free_scoring=True``: NTNG's Section 5.4 ablation).
+* ``crammed_rho_loss``: ``crammed`` with RHO loss (Section 5.2, C.4): IL model of the same
+  architecture trained for 6 h RST on a 20% holdout (build the store first, command above), a
+  mega-batch of 2 x 1536 rows, top 1536 by reducible loss.
+* ``tiny_selective_backprop``, ``tiny_rho_loss``: the tiny model with each (the tests).
 * ``raptr_base``: RaPTr Appendix D.4 BERT-base baseline: 12 layers, batch 256, 675k steps,
   10k warmup steps, peak 1e-4, linear decay to 0 (seq 128 is our choice; the appendix does not
   say). AdamW otherwise at our defaults.
@@ -50,9 +60,15 @@ def get_config(preset: str = ""):
   c.optimizer.update(weight_decay=0.01)
   c.eval.update(every=0.2, batches=8)
   c.checkpoint.every = 100
-  if preset == "tiny":
+  if preset in ("tiny", "tiny_selective_backprop", "tiny_rho_loss"):
     tiny_preset(c)
-  elif preset in ("crammed", "crammed_stacking"):
+    if preset == "tiny_selective_backprop":
+      c.method.name = "selective_backprop"
+      c.method.selective_backprop.history = 64
+    elif preset == "tiny_rho_loss":
+      use_rho_loss(c, il_budget=20)
+      c.method.rho_loss.store = "il_store/tiny_bert"
+  elif preset in ("crammed", "crammed_stacking", "crammed_selective_backprop", "crammed_rho_loss"):
     c.model.update(d_model=768, num_layers=16, num_heads=12, head_dim=64, mlp_dim=3072)
     c.data.update(seq_len=128, batch_size=1536)
     c.budget.unit, c.budget.value = "rst_hours", 24
@@ -64,6 +80,11 @@ def get_config(preset: str = ""):
     if preset == "crammed_stacking":  # 4 -> 8 -> 16 layers at 3 h and 7.2 h of 24 h (12.5%, 30%)
       c.method.name = "stacking"
       c.method.stacking.update(depths=(4, 8, 16), grow_at=(0.125, 0.3), mode="stack", optimizer_state="fresh")
+    elif preset == "crammed_selective_backprop":  # NTNG Section 5.1, C.3: beta 1, history 5000
+      c.method.name = "selective_backprop"
+      c.method.selective_backprop.update(scale=1.0, history=5000, candidates=0)
+    elif preset == "crammed_rho_loss":  # NTNG Section 5.2, C.4: mega-batch 2x, IL model 6 h RST on 20%
+      use_rho_loss(c, il_budget=6)
   elif preset in ("raptr_base", "msg", "lemon", "bert2bert"):
     c.model.update(d_model=768, num_layers=12, num_heads=12, head_dim=64, mlp_dim=3072)
     c.data.update(seq_len=128, batch_size=256)
@@ -93,6 +114,15 @@ def get_config(preset: str = ""):
       c.method.random_ltd.update(min_value=128, max_value=512, seq_per_step=16, lr="layer_tokens",
                                  require_fraction=24 * 38e9 / (512 * 1024 * 2e6))
   elif preset:
-    raise ValueError(f"unknown preset {preset!r} for configs/bert.py; use tiny, crammed, crammed_stacking, "
+    raise ValueError(f"unknown preset {preset!r} for configs/bert.py; use tiny, tiny_selective_backprop, "
+                     "tiny_rho_loss, crammed, crammed_stacking, crammed_selective_backprop, crammed_rho_loss, "
                      "raptr_base, msg, lemon, bert2bert, large, random_ltd_large or none")
   return c
+
+
+def use_rho_loss(c, il_budget: float):
+  """RHO loss as NTNG ran it: a 20% holdout (by example id) for the IL model, masks fixed per
+  example so the IL and training losses see the same ones, a mega-batch of 2x the batch."""
+  c.method.name = "rho_loss"
+  c.method.rho_loss.update(mega_batch=0, il_budget=il_budget)
+  c.data.update(holdout_share=0.2, holdout_part="rest", resample_noise=False)

@@ -1,4 +1,5 @@
-"""Baseline, RaPTr, progressive layer dropping, layer stacking and random-LTD on the default UL2 decoder
+"""Baseline, RaPTr, progressive layer dropping, layer stacking, random-LTD, selective backprop and
+RHO loss on the default UL2 decoder
 (4 layers, built-in corpus) under one budget of 180 seconds of reference system time, the
 2-core CPU reference of ``rst_tables/cpu_2core.json`` (step kinds missing there are calibrated
 on the current device first, which makes it their reference). About 20 minutes on 2 CPU cores.
@@ -9,7 +10,10 @@ Each method at its defaults: RaPTr's recommended 4-stage schedule (2-2.7-3.3-4 o
 first and last fixed, h_sqrt scaling), PLD (theta_bar 0.5, gamma_f 100), stacking 1 -> 2 -> 4
 layers at 12.5% and 30% of the budget (No Train No Gain's fractions), random-LTD on the middle
 2 layers with kept length 16 -> 128 by 16 over 70% of the budget (the run's LR on the RST clock:
-the LayerToken LR needs step counts an RST budget does not fix). Writes results.md,
+the LayerToken LR needs step counts an RST budget does not fix), selective backprop (beta 1,
+history 5000) and RHO loss (mega-batch 2x, IL model trained for the same 180 s of RST on a 20%
+holdout, built once before its run and not charged, as in NTNG), their scoring passes charged.
+Writes results.md,
 results.csv and loss_vs_rst_180.png in the workdir; the committed output is in
 ``docs/compare_methods/``.
 """
@@ -26,6 +30,8 @@ def get_comparison():
           "pld": ["method.name=pld"],
           "stacking": ["method.name=stacking"],
           "random_ltd": ["method.name=random_ltd", "method.random_ltd.lr=budget"],
+          "selective_backprop": ["method.name=selective_backprop"],
+          "rho_loss": ["method.name=rho_loss", "data.holdout_share=0.2", "data.resample_noise=False"],
       },
       seeds=[0],
       budgets=[180.0],

@@ -21,14 +21,26 @@ class Checkpointer:
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep or None, create=True, enable_async_checkpointing=async_save)
-    self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+    self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta", "feed"))
 
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
 
-  def save(self, step: int, state, meta: dict) -> None:
-    self._mngr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+  def save(self, step: int, state, meta: dict, feed: dict | None = None) -> None:
+    """``feed``: host-side numpy arrays of a batch-selection feed (carry, loss history)."""
+    items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+    if feed is not None:
+      items["feed"] = ocp.args.StandardSave(feed)
+    self._mngr.save(step, args=ocp.args.Composite(**items))
+
+  def restore_feed(self, step: int) -> dict:
+    """The batch-selection feed arrays saved at ``step`` (numpy)."""
+    try:
+      return self._mngr.restore(step, args=ocp.args.Composite(feed=ocp.args.StandardRestore()))["feed"]
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f"checkpoint {self.directory}/{step} has no readable batch-selection state "
+                            f"({type(e).__name__}: {str(e)[:300]}); it was written by a run of another "
+                            "method. Use a fresh --workdir, or the config that wrote it.") from e
 
   def restore(self, step: int, abstract_state, expected_meta: dict):
     """Restores (state, meta) at ``step`` with the shardings of ``abstract_state``."""

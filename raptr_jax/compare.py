@@ -7,7 +7,8 @@ list of ``section.field=value`` overrides), the seeds, the budgets (in the run's
 RST by default) and overrides common to every run. Each (budget, method, seed) trains in its own
 folder under the workdir; re-running the command resumes interrupted runs and skips finished
 ones. ``calibrate_missing`` times step kinds absent from the RST table on this device first
-(making it the reference system for them). Outputs in the workdir:
+(making it the reference system for them); a method's one-off preparation (``Method.prepare``:
+RHO loss's irreducible-loss store) runs before its first run and is reused after. Outputs in the workdir:
 
 * ``results.md`` / ``results.csv``: final train and validation loss per method and budget,
   mean +- std over seeds (like Tables 1-3 of the paper);
@@ -49,11 +50,22 @@ def run_all(comparison, workdir: str, quiet: bool = True) -> dict:
           cfg.log.progress_bar = False
         if cfg.budget.unit.startswith("rst") and comparison.calibrate_missing:
           _calibrate_missing(cfg, train_lib)
+        prepare(cfg)
         where = run_dir(workdir, budget, method, seed)
         print(f"== budget {budget:g} {cfg.budget.unit}, {method}, seed {seed}: {where}")
         train_lib.train(cfg, where)
         results.setdefault((budget, method), []).append(final_losses(read_metrics(where)))
   return results
+
+
+def prepare(cfg) -> None:
+  """Runs the one-off work the run's method declares (``Method.prepare``, e.g. RHO loss's
+  irreducible-loss store); each step skips what is already done."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  from raptr_jax.methods import get_method  # pylint: disable=g-import-not-at-top
+  for target in get_method(cfg.method.name, cfg).prepare:
+    module, _, function = target.partition(":")
+    getattr(importlib.import_module(module), function)(cfg)
 
 
 def _calibrate_missing(cfg, train_lib):
@@ -63,7 +75,7 @@ def _calibrate_missing(cfg, train_lib):
     if "rst calibrate" not in str(e):
       raise
     print(f"calibrating on this device: {str(e).split(';')[0]}")
-    rst.calibrate(cfg, verbose=False)
+    rst.calibrate(cfg, verbose=False, only_missing=True)
 
 
 def write_tables(results, workdir: str, unit: str) -> str:

@@ -49,6 +49,10 @@ def base_config() -> ml_collections.ConfigDict:
       target_len=0,              # t5: decoder length; 0 = exactly what span corruption makes
       noise_density=0.15, mean_noise_span=3.0,  # t5 span corruption
       mlm_rate=0.15, max_predictions=-1,        # bert: -1 auto sparse prediction, 0 dense head
+      noise_seed=-1,             # seed of masks / spans / denoisers; -1 = the run's seed
+      resample_noise=True,       # False: an example is corrupted the same way every epoch
+      holdout_share=0.0,         # > 0: split the training data by example id (RHO loss: 0.2)
+      holdout_part="rest",       # the side this run trains on: rest | holdout
       batch_size=32)
   c.optimizer = dict(
       name="adamw",              # adamw | lion | sophia_g | sophia_h | adafactor
@@ -62,7 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
       freeze_inactive=False)     # True: params a step leaves out keep params and moments
   c.method = dict(
       name="baseline",           # methods.REGISTRY: baseline | raptr | pld | stacking |
-                                 # growth | random_ltd
+                                 # growth | random_ltd | selective_backprop | rho_loss
       raptr=dict(                # methods/raptr.py (RaPTr, Algorithm 1 and Appendices E, G, J)
           axis="depth",          # depth | heads | mlp (Section 4.3: Attention- / MLP-RaPTr)
           mlp_parts=4,           # axis=mlp: the MLP's hidden units in this many equal parts
@@ -106,7 +110,16 @@ def base_config() -> ml_collections.ConfigDict:
           require_fraction=0.7,  # budget fraction until full length (GPT: 210B of 300B tokens)
           stacks="both",         # t5: encoder | decoder | both
           lr="layer_tokens",     # layer_tokens (LayerToken LR, App. C) | budget (run's clock)
-          max_compiles=32))      # more distinct kept lengths (compiles) than this: refused
+          max_compiles=32),      # more distinct kept lengths (compiles) than this: refused
+      selective_backprop=dict(   # methods/selective_backprop.py (Jiang et al. 2019; NTNG Alg. 3)
+          scale=1.0,             # beta: P(keep) = CDF(loss)^beta (1.0 keeps ~1/2, 2.0 ~1/3)
+          history=5000,          # loss-history length the CDF is taken over (Jiang et al.: 1024)
+          candidates=0),         # rows one scoring pass scores; 0 = data.batch_size
+      rho_loss=dict(             # methods/rho_loss.py (Mindermann et al. 2022; NTNG Alg. 4)
+          mega_batch=0,          # rows scored per step; 0 = 2 x data.batch_size (NTNG; Mindermann: 10x)
+          store="",              # irreducible-loss store; "" = il_store/<data version>
+          il_budget=0.0,         # IL model's budget in budget.unit; 0 = half the run's budget
+          il_overrides=()))      # "section.field=value" for the IL model (default: same model)
   c.schedule = dict(name="cosine", peak=1e-3, warmup=0.05, final=0.1)
   c.eval = dict(every=0.25, batches=8, at_start=True)  # every: budget fraction; batches: 0 = whole split
   c.checkpoint = dict(every=200, keep=2, async_save=True)  # every: steps; 0 = only at the end
@@ -168,6 +181,14 @@ def validate(cfg) -> None:
   if cfg.data.batch_size <= 0 or cfg.data.seq_len <= 8:
     raise ValueError(f"data.batch_size must be > 0 and data.seq_len > 8, got "
                      f"{cfg.data.batch_size} and {cfg.data.seq_len}")
+  if not 0.0 <= cfg.data.holdout_share < 1.0:
+    raise ValueError(f"data.holdout_share is the held-out share of the training examples, in [0, 1) "
+                     f"(0: no split; RHO loss: 0.2), got {cfg.data.holdout_share}")
+  if cfg.data.holdout_part not in ("rest", "holdout"):
+    raise ValueError(f"data.holdout_part must be 'rest' or 'holdout', got {cfg.data.holdout_part!r}")
+  if cfg.data.holdout_part == "holdout" and not cfg.data.holdout_share:
+    raise ValueError("data.holdout_part='holdout' trains on the held-out share, but "
+                     "data.holdout_share is 0; set it, e.g. data.holdout_share=0.2")
   if cfg.model.position == "learned" and cfg.data.seq_len > cfg.model.max_len:
     raise ValueError(f"data.seq_len {cfg.data.seq_len} exceeds model.max_len {cfg.model.max_len} "
                      "of the learned position table; raise model.max_len")

@@ -8,6 +8,8 @@
   kind took on the reference system, from a calibration table, see ``rst.py``). Each stage says
   what one of its steps costs, so methods whose steps differ in cost are charged honestly. The budget fraction ``progress / budget`` drives the LR schedule, stage boundaries
   and eval cadence.
+* Batch selection (selective backprop, RHO loss) also runs forward-only **scoring passes**
+  (``Scoring``) between train steps; ``scoring_charge`` charges them on the same clock.
 * A **stage** ends at a budget fraction and has a static ``shape`` key: steps are compiled once
   per distinct key. ``select(key, batch, progress)`` (or None for the full model) builds the
   stage's ``Selection`` inside the jitted step from the step's PRNG key and budget fraction.
@@ -48,6 +50,20 @@ class Stage:
 
 
 @dataclasses.dataclass(frozen=True)
+class Scoring:
+  """The forward-only scoring passes of a batch-selection method (``Method.scoring``)."""
+  rows: int                   # candidate rows one pass scores
+  passes_per_step: float      # expected passes per train step (step estimates only)
+  tokens: int = 0             # tokens one pass feeds the model (rows x seq_len; run.build_plan)
+  layer_tokens: float = 0.0   # layer-tokens of one pass (full model; run.setup)
+
+  @property
+  def shape(self):
+    """The RST step kind of a pass."""
+    return ("score", self.rows)
+
+
+@dataclasses.dataclass(frozen=True)
 class Plan:
   stages: tuple[Stage, ...]
   unit: str
@@ -56,6 +72,8 @@ class Plan:
   step_costs: dict | None = None          # rst_seconds: {(stage.shape, hessian): seconds}
   layer_cost_share: float = 1.0           # share of a full step's FLOPs spent in the layers
   layer_tokens: Callable | None = None    # (stage, fraction) -> layer-tokens of one step
+  scoring: Scoring | None = None          # batch selection's forward-only scoring passes
+  free_scoring: bool = False              # budget.free_scoring: passes charge nothing
 
   def __post_init__(self):
     if self.unit not in UNITS:
@@ -93,13 +111,27 @@ class Plan:
       seconds *= 1.0 - self.layer_cost_share * (1.0 - stage.layer_fraction(fraction))
     return seconds
 
+  def scoring_charge(self, passes: int) -> float:
+    """Progress ``passes`` forward-only scoring passes add: their RST time, their tokens (and
+    layer-tokens) fed; nothing on the steps clock or with ``free_scoring`` (NTNG Section 5.4)."""
+    if not passes or self.scoring is None or self.free_scoring or self.unit == "steps":
+      return 0.0
+    if self.unit == "tokens":
+      return float(passes * self.scoring.tokens)
+    if self.unit == "layer_tokens":
+      return float(passes * self.scoring.layer_tokens)
+    return float(passes * self.step_costs[(self.scoring.shape, False)])
+
   def total_steps(self, hessian_interval: int = 0) -> int:
-    """Steps the plan will run (each stage's steps until its end fraction is reached)."""
+    """Steps the plan will run (each stage's steps until its end fraction is reached; batch
+    selection's scoring passes at their expected rate)."""
     progress, steps = 0.0, 0
+    per_step = self.scoring.passes_per_step if self.scoring is not None else 0.0
     while progress < self.budget:
       hessian = bool(hessian_interval) and steps % hessian_interval == hessian_interval - 1
       fraction = progress / self.budget
       progress += self.charge(self.stages[self.stage_index(fraction)], hessian, fraction)
+      progress += per_step * self.scoring_charge(1)
       steps += 1
     return steps
 

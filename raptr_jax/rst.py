@@ -3,7 +3,8 @@
 A run with ``budget.unit = "rst_seconds"`` (or ``"rst_hours"``) is charged, for each step, the
 time its *step kind* took on the reference system, read from a calibration table; it stops when
 the charges reach the budget. Step kinds: every stage shape of the plan, with and without
-Sophia-G's Hessian pass, plus full-model evaluation (timed, never charged).
+Sophia-G's Hessian pass, batch selection's forward-only scoring pass (``("score", rows)``), plus
+full-model evaluation (timed, never charged).
 
     python -m raptr_jax.rst calibrate --config=configs/ul2.py [--table=rst_tables/mine.json]
 
@@ -48,7 +49,7 @@ def step_kind_key(context: str, kind: str, shape=None, hessian: bool = False) ->
   """The one key function shared by calibration and lookup."""
   if kind == "eval":
     return f"{context}/eval"
-  return f"{context}/train/{json.dumps(list(shape) if isinstance(shape, tuple) else shape)}/hessian={int(hessian)}"
+  return f"{context}/{kind}/{json.dumps(list(shape) if isinstance(shape, tuple) else shape)}/hessian={int(hessian)}"
 
 
 def step_kinds(plan, hessian_interval: int):
@@ -59,6 +60,8 @@ def step_kinds(plan, hessian_interval: int):
       if (stage.shape, hessian) not in seen:
         seen.add((stage.shape, hessian))
         kinds.append(("train", stage, hessian))
+  if plan.scoring is not None:  # batch selection's forward-only scoring pass
+    kinds.append(("score", plan.scoring, False))
   kinds.append(("eval", None, False))
   return kinds
 
@@ -112,9 +115,10 @@ def step_costs(cfg, run) -> dict:
       continue
     key = step_kind_key(context, kind, stage.shape, hessian)
     if key not in entries:
-      raise ValueError(f"RST table {path} has no entry for step kind {key!r} (stage {stage.name!r}"
-                       f"{', with Hessian pass' if hessian else ''}) of this config; add it with "
-                       f"`{command}`")
+      what = (f"scoring pass of {stage.rows} rows" if kind == "score" else
+              f"stage {stage.name!r}{', with Hessian pass' if hessian else ''}")
+      raise ValueError(f"RST table {path} has no entry for step kind {key!r} ({what}) of this config; "
+                       f"add it with `{command}`")
     entry = entries[key]
     devices.add(entry["device_kind"])
     seconds = entry["seconds"]
@@ -128,8 +132,10 @@ def step_costs(cfg, run) -> dict:
   return costs
 
 
-def calibrate(cfg, steps: int = 10, warmup: int = 2, table: str | None = None, verbose: bool = True) -> dict:
-  """Times every step kind of ``cfg``'s plan on this device and writes them into the table."""
+def calibrate(cfg, steps: int = 10, warmup: int = 2, table: str | None = None, verbose: bool = True,
+              only_missing: bool = False) -> dict:
+  """Times every step kind of ``cfg``'s plan on this device and writes them into the table
+  (``only_missing``: only the kinds the table lacks, so existing reference times stay)."""
   from raptr_jax import run as run_lib  # pylint: disable=g-import-not-at-top  (run builds jax state)
   from raptr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   path = table or table_path(cfg)
@@ -142,14 +148,26 @@ def calibrate(cfg, steps: int = 10, warmup: int = 2, table: str | None = None, v
     sample = stream.next_batch
   batch = run.device_batch(sample())
   hbatch = run.device_batch(sample())
+  if run.plan.scoring is not None:  # candidate batches of the scoring pass's rows
+    rows = run.plan.scoring.rows
+    candidates = (pipeline.synthetic_batch(rows, cfg.data.seq_len, run.model_cfg.vocab_size, family=cfg.model.family,
+                                           target_len=cfg.data.target_len) if cfg.data.source == "synthetic" else
+                  pipeline.build_stream(cfg.data, "train", rows, cfg.seed, train=True).next_batch())
   state = run.init()
   context = context_key(cfg, run.model_cfg)
   table = load_table(path)
   device = device_description()
   for kind, stage, hessian in step_kinds(run.plan, run.steps.ctx.optimizer.hessian_interval):
+    key = step_kind_key(context, kind, None if stage is None else stage.shape, hessian)
+    if only_missing and key in table["entries"]:
+      continue
     if kind == "eval":
       evaluate = run.steps.eval_step(run.plan.stages[-1])
       fn = lambda s, i: (s, evaluate(s.params, batch, jnp.float32(1.0)))
+    elif kind == "score":
+      score = run.steps.score_step(candidates["example_ids"].shape[1])
+      device_candidates = run.device_batch(candidates)
+      fn = lambda s, i, score=score, c=device_candidates: (s, score(s.params, c))
     else:
       step = run.steps.train_step(stage, hessian)
       # A dynamic layer count is timed with every layer running (the charge scales it down).
@@ -164,15 +182,15 @@ def calibrate(cfg, steps: int = 10, warmup: int = 2, table: str | None = None, v
       jax.block_until_ready(out)
       if i > warmup:
         times.append(time.perf_counter() - t)
-    key = step_kind_key(context, kind, None if stage is None else stage.shape, hessian)
+    name = getattr(stage, "name", "score" if kind == "score" else None)
     table["entries"][key] = device | {
         "seconds": statistics.median(times), "n": len(times), "kind": kind,
-        "stage": None if stage is None else stage.name, "shape": None if stage is None else repr(stage.shape),
+        "stage": name, "shape": None if stage is None else repr(stage.shape),
         "hessian": hessian, "dtype": cfg.model.dtype, "batch_size": cfg.data.batch_size,
         "seq_len": cfg.data.seq_len, "optimizer": cfg.optimizer.name, "model": repr(run.model_cfg),
         "calibrated": time.strftime("%Y-%m-%d %H:%M:%S")}
     if verbose:
-      print(f"{kind:5s} {stage.name if stage else '':>10s} hessian={int(hessian)}: "
+      print(f"{kind:5s} {name or '':>10s} hessian={int(hessian)}: "
             f"{statistics.median(times) * 1e3:9.2f} ms  (median of {len(times)})  {key}")
   save_table(path, table)
   if verbose:

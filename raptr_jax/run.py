@@ -62,8 +62,13 @@ def build_plan(cfg, model_cfg=None) -> plan_lib.Plan:
   """The plan of stages the run's method makes (``model_cfg``: default the ``model`` section)."""
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
   unit, budget = budget_in_units(cfg)
-  stages = get_method(cfg.method.name, cfg).stages(cfg, model_cfg if model_cfg is not None else cfg.model)
-  return plan_lib.Plan(tuple(stages), unit, budget, tokens_per_step)
+  method = get_method(cfg.method.name, cfg)
+  stages = method.stages(cfg, model_cfg if model_cfg is not None else cfg.model)
+  scoring = method.scoring(cfg)
+  if scoring is not None:
+    scoring = dataclasses.replace(scoring, tokens=scoring.rows * cfg.data.seq_len)
+  return plan_lib.Plan(tuple(stages), unit, budget, tokens_per_step, scoring=scoring,
+                       free_scoring=bool(cfg.budget.free_scoring))
 
 
 def device_batch(batch, mesh, fields):
@@ -115,6 +120,14 @@ def setup(cfg) -> Run:
                                      target_length(cfg.data))
   plan = dataclasses.replace(plan, layer_cost_share=stage_flops.layer_share,
                              layer_tokens=stage_flops.layer_tokens)
+  if plan.scoring is not None:
+    rows = plan.scoring.rows
+    if rows % dp or rows % jax.process_count():
+      raise ValueError(f"{method.name}: a scoring pass scores {rows} rows, which do not divide over the "
+                       f"data-parallel size {dp} and {jax.process_count()} host(s); choose the method's "
+                       "candidate / mega-batch multiple so that data.batch_size x it is a multiple of both")
+    plan = dataclasses.replace(plan, scoring=dataclasses.replace(
+        plan.scoring, layer_tokens=stage_flops.full_layer_tokens * rows / cfg.data.batch_size))
   s = cfg.schedule
   lr_fn = method.lr_schedule(cfg, plan, functools.partial(
       learning_rate, name=s.name, peak=s.peak, warmup=s.warmup, final=s.final))

@@ -189,6 +189,25 @@ def make_eval_step(ctx: StepContext, stage=None):
                                           repl), out_shardings=(repl, repl))
 
 
+def make_score_step(ctx: StepContext, max_segments: int):
+  """The forward-only scoring pass of batch selection: ``score_step(params, batch)`` -> the summed
+  token loss and the loss weight of every packed example, ``[rows, max_segments]`` each (column
+  ``s`` is segment ``s + 1`` of the row, the example whose id is ``example_ids[row, s]``), under
+  the full model. A row's loss is the ratio of its sums (masked-token mean for MLM, per-target
+  mean for span corruption)."""
+
+  def score_step(params, batch):
+    _, aux = ctx.loss_fn(nnx.merge(ctx.graphdef, params), batch, None, ctx.packed)
+    per_row = jax.vmap(lambda values, segments: jax.ops.segment_sum(values, segments, max_segments + 1))
+    losses = per_row(aux["token_loss"], aux["token_segment"])[:, 1:]
+    weights = per_row(aux["token_weight"], aux["token_segment"])[:, 1:]
+    return losses, weights
+
+  rows = shd.batch_sharding(ctx.mesh)
+  return jax.jit(score_step, in_shardings=(ctx.state_shardings.params, batch_shardings(ctx.mesh, ctx.batch_fields)),
+                 out_shardings=(rows, rows))
+
+
 def eval_key(stage):
   """Stages that evaluate the same model share one compiled eval step."""
   if stage is None:
@@ -198,13 +217,14 @@ def eval_key(stage):
 
 
 class StepCache:
-  """One compiled train step per distinct (stage shape, with or without a Hessian pass), and
-  one eval step per distinct evaluated model."""
+  """One compiled train step per distinct (stage shape, with or without a Hessian pass), one
+  eval step per distinct evaluated model, and the scoring pass of batch selection."""
 
   def __init__(self, ctx: StepContext):
     self.ctx = ctx
     self._steps = {}
     self._evals = {}
+    self._score = {}
 
   def train_step(self, stage, hessian: bool = False):
     key = (stage.shape, hessian)
@@ -218,6 +238,12 @@ class StepCache:
     if key not in self._evals:
       self._evals[key] = make_eval_step(self.ctx, stage)
     return self._evals[key]
+
+  def score_step(self, max_segments: int):
+    """``score_step(params, batch)`` of batch selection (``make_score_step``)."""
+    if max_segments not in self._score:
+      self._score[max_segments] = make_score_step(self.ctx, max_segments)
+    return self._score[max_segments]
 
   @property
   def compiled_shapes(self):

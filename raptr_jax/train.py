@@ -7,6 +7,10 @@
       progress += plan.charge(stage, hessian, fraction)
       log / eval / checkpoint at their cadences
 
+Batch selection (selective backprop, RHO loss) puts a ``BatchFeed`` between the stream and the
+step: it scores candidate batches on the device and hands over the rows it chose; its scoring
+passes are charged too (``plan.scoring_charge``), and its state is saved with each checkpoint.
+
 All randomness is a function of (seed, step) and the data stream's saved position, so a run that
 is killed and re-started with the same workdir reaches the same losses as one that was not.
 """
@@ -78,7 +82,9 @@ def train(cfg, workdir: str) -> dict:
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint.keep,
                                        cfg.checkpoint.async_save)
   writer = metrics_lib.MetricWriter(workdir, cfg.log.tensorboard, enabled=lead)
-  stream = pipeline.build_stream(cfg.data, "train", cfg.data.batch_size, cfg.seed, train=True)
+  scoring = plan.scoring  # batch selection: the stream yields candidate batches for its scoring passes
+  stream = pipeline.build_stream(cfg.data, "train", scoring.rows if scoring else cfg.data.batch_size,
+                                 cfg.seed, train=True)
   val = pipeline.build_stream(cfg.data, "validation", cfg.data.batch_size, cfg.seed, train=False)
   eval_batches = [b for _, b in zip(range(cfg.eval.batches or 1 << 30), val)]
   expected_meta = run_meta(cfg, run.model_cfg)
@@ -93,6 +99,7 @@ def train(cfg, workdir: str) -> dict:
     state, progress, step, tokens, wall_before = run.init(), 0.0, 0, 0, 0.0
     usage = {"layers": 0.0, "flops": 0.0, "layer_tokens": 0.0}
     state_stage = 0  # the plan stage whose model the train state holds (growth changes it)
+    feed_state = None
   else:
     state, meta = checkpointer.restore(start, run.abstract_state, expected_meta)
     progress, step, tokens = float(meta["progress"]), int(meta["step"]), int(meta["tokens"])
@@ -106,6 +113,7 @@ def train(cfg, workdir: str) -> dict:
     wall_before = float(meta.get("wall_s", 0.0))
     usage = {"layer_tokens": 0.0} | dict(meta.get("usage", {"layers": 0.0, "flops": 0.0}))
     stream.set_state(meta["data"])
+    feed_state = checkpointer.restore_feed(start) if scoring else None
     writer.truncate_after(step)
     if lead:
       print(f"resumed from {checkpointer.directory}/{step} at {progress / budget:.1%} of the budget")
@@ -123,7 +131,7 @@ def train(cfg, workdir: str) -> dict:
   def save(step, state, progress, tokens):
     checkpointer.save(step, state, expected_meta | {
         "step": step, "progress": progress, "tokens": tokens, "wall_s": wall(), "usage": dict(usage),
-        "stage": state_stage, "data": batches.get_state()})
+        "stage": state_stage, "data": batches.get_state()}, feed.state() if feed is not None else None)
 
   if start is None and cfg.eval.at_start:
     initial = evaluate(run, state.params, eval_batches, plan.stages[0], 0.0)
@@ -132,6 +140,9 @@ def train(cfg, workdir: str) -> dict:
       print(f"step 0: eval/loss {initial:.4f}")
 
   batches = pipeline.Prefetcher(stream, depth=2)
+  feed = run.method.batch_feed(run, batches) if scoring else None
+  if feed is not None and feed_state is not None:
+    feed.restore(feed_state)
   base_key = jax.random.key(cfg.seed)
   timer = metrics_lib.StepTimer(cfg.train.peak_flops or flops_lib.device_peak_flops(), jax.device_count())
   bar = metrics_lib.ProgressBar(budget, plan.unit, progress, enabled=lead and cfg.log.progress_bar)
@@ -150,15 +161,19 @@ def train(cfg, workdir: str) -> dict:
         state = run.transition(state, state_stage, stage_index)
         state_stage = stage_index
       key = jax.random.fold_in(base_key, step)
-      args = (state, run.device_batch(batches.next_batch()), key, jnp.float32(fraction))
+      if feed is not None:  # batch selection: scoring passes on the device choose the rows
+        batch, passes = feed.next_batch(state.params, step)
+      else:
+        batch, passes = batches.next_batch(), 0
+      args = (state, run.device_batch(batch), key, jnp.float32(fraction))
       hessian = bool(hessian_interval) and step % hessian_interval == hessian_interval - 1  # Sophia-G
       if hessian:
         args += (run.device_batch(batches.next_batch()),)
       state, m = run.steps.train_step(stage, hessian)(*args)
       step += 1
       step_tokens = stage.tokens_per_step or plan.tokens_per_step
-      tokens += step_tokens
-      charge = plan.charge(stage, hessian, fraction)
+      tokens += step_tokens + (passes * scoring.tokens if passes else 0)
+      charge = plan.charge(stage, hessian, fraction) + plan.scoring_charge(passes)
       step_flops = stage_flops(stage, fraction)
       active = stage_flops.layers(stage, fraction)
       prev, progress = fraction, progress + charge

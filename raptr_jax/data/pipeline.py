@@ -1,7 +1,9 @@
 """Deterministic, resumable batch streams: examples -> objective -> packed rows -> batches.
 
 The order of examples in epoch ``e`` is a permutation drawn from ``(seed, e)``; each example's
-objective randomness comes from ``(seed, example id, epoch)``. The stream's whole state is
+objective randomness comes from ``(noise seed, example id, epoch)`` (``data.noise_seed``, -1: the
+run's seed), or from ``(noise seed, example id)`` alone with ``data.resample_noise=False``, so an
+example is masked the same way in every epoch and by every run (RHO loss needs that). The stream's whole state is
 ``{"epoch", "cursor"}`` (the next example to place), saved with every checkpoint, so a resumed
 run sees exactly the batches an uninterrupted one would. Every host builds the same global batch
 and keeps its own rows (``host_rows``), which keeps multi-host runs in lockstep.
@@ -17,6 +19,7 @@ from raptr_jax.data.vocab import load_vocabulary
 
 class ListSource:
   """Examples held in memory: ``[(id, tokens)]``, shuffled per epoch by ``(seed, epoch)``."""
+  stable_ids = True  # an example's id is the same in every run (batch selection joins on it)
 
   def __init__(self, examples, seed: int, shuffle: bool):
     if not examples:
@@ -39,7 +42,7 @@ class PackedStream:
   placed in a row, so resuming re-creates exactly the rows that would have followed."""
 
   def __init__(self, source, objective, batch_size: int, seed: int, repeat: bool,
-               max_segments: int = 64):
+               max_segments: int = 64, noise_seed: int | None = None, resample_noise: bool = True):
     if not isinstance(objective, objectives.Objective):
       raise TypeError("PackedStream needs an objectives.Objective (see data.build.build_objective)")
     self.source = source
@@ -48,6 +51,8 @@ class PackedStream:
     self.seed = seed
     self.repeat = repeat
     self.max_segments = max_segments
+    self.noise_seed = seed if noise_seed is None else noise_seed
+    self.resample_noise = resample_noise
     self.set_state({"epoch": 0, "cursor": 0})
 
   @property
@@ -74,7 +79,7 @@ class PackedStream:
       if item is None:
         return None
       example_id, tokens = item
-      rng = objectives.example_rng(self.seed, example_id, self.epoch)
+      rng = objectives.example_rng(self.noise_seed, example_id, self.epoch if self.resample_noise else 0)
       self._pending = (example_id, self.objective(tokens, self.seq_len, rng))
     return self._pending
 
@@ -145,8 +150,18 @@ def synthetic_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 
   return batch
 
 
-def build_stream(data_cfg, split: str, batch_size: int, seed: int, train: bool) -> PackedStream:
-  """The stream a config asks for: the built-in corpus, or a prepared tfds corpus via seqio."""
+def noise_seed(data_cfg, seed: int) -> int:
+  """The seed of the objectives' randomness (masks, spans, denoisers): ``data.noise_seed`` or
+  the run's seed."""
+  return seed if data_cfg.noise_seed < 0 else int(data_cfg.noise_seed)
+
+
+def build_stream(data_cfg, split: str, batch_size: int, seed: int, train: bool,
+                 holdout_part: str | None = None) -> PackedStream:
+  """The stream a config asks for: the built-in corpus, or a prepared tfds corpus via seqio.
+
+  With ``data.holdout_share > 0`` the training split is cut by example id (``data/holdout.py``)
+  and the stream reads the ``data.holdout_part`` side (``holdout_part`` overrides it)."""
   vocab = load_vocabulary(data_cfg.vocab_path, data_cfg.extra_ids)
   denoisers = [objectives.Denoiser(**d) for d in data_cfg.denoisers] if data_cfg.denoisers else None
   objective = build_objective(data_cfg.objective, vocab, data_cfg, denoisers)
@@ -159,7 +174,11 @@ def build_stream(data_cfg, split: str, batch_size: int, seed: int, train: bool) 
   else:
     from raptr_jax.data import tfds_source  # pylint: disable=g-import-not-at-top  (TensorFlow)
     source = tfds_source.CorpusSource(data_cfg, split, objective.chunk_length, seed, shuffle=train)
-  return PackedStream(source, objective, batch_size, seed, repeat=train)
+  if split == "train" and data_cfg.holdout_share > 0:
+    from raptr_jax.data.holdout import HoldoutSplit  # pylint: disable=g-import-not-at-top
+    source = HoldoutSplit(source, data_cfg.holdout_share, holdout_part or data_cfg.holdout_part)
+  return PackedStream(source, objective, batch_size, seed, repeat=train,
+                      noise_seed=noise_seed(data_cfg, seed), resample_noise=data_cfg.resample_noise)
 
 
 class Prefetcher:

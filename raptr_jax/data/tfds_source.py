@@ -102,6 +102,7 @@ def register_task(source: str, part: Part, data_dir: str, vocab_path: str = "", 
 
 class CorpusSource:
   """``iterate(epoch, start)`` over the (id, tokens) chunks of a tfds corpus (see module doc)."""
+  stable_ids = True  # ids hash the document text and the chunk index
 
   def __init__(self, data_cfg, split: str, chunk_length: int, seed: int, shuffle: bool):
     import seqio  # pylint: disable=g-import-not-at-top

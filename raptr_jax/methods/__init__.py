@@ -6,6 +6,8 @@ from raptr_jax.methods.growth import Growth
 from raptr_jax.methods.pld import ProgressiveLayerDropping
 from raptr_jax.methods.random_ltd import RandomLTD
 from raptr_jax.methods.raptr import Raptr
+from raptr_jax.methods.rho_loss import RhoLoss
+from raptr_jax.methods.selective_backprop import SelectiveBackprop
 from raptr_jax.methods.stacking import Stacking
 
 REGISTRY: dict[str, type[Method]] = {
@@ -15,6 +17,8 @@ REGISTRY: dict[str, type[Method]] = {
     "stacking": Stacking,
     "growth": Growth,
     "random_ltd": RandomLTD,
+    "selective_backprop": SelectiveBackprop,
+    "rho_loss": RhoLoss,
 }
 
 

@@ -19,6 +19,15 @@ default, so a method overrides only what it changes:
 * ``transform_batch(batch, key, progress)``, ``transform_loss(loss_fn)``,
   ``transform_grads(grads, params, key, progress)``: per-step hooks traced inside the jitted
   step (batch selection, RHO loss, interlocking backprop). None: not applied.
+* ``scoring(cfg)`` and ``batch_feed(run, batches)``: batch selection. ``scoring`` says how many
+  candidate rows one forward-only scoring pass scores (the training stream then yields batches
+  of that many rows) and how many passes a step needs on average (a ``plan.Scoring``, or None);
+  ``batch_feed`` returns the host-side ``methods.batch_selection.BatchFeed`` that scores
+  candidates on the device and hands the loop each train batch and its number of passes, which
+  the plan charges (``Plan.scoring_charge``).
+* ``prepare``: one-off work the method needs before it trains, as ``"module:function"`` names
+  of ``function(cfg)`` (RHO loss: ``raptr_jax.il_losses:build``, its irreducible-loss store).
+  The comparison runner runs them; a training run missing their output stops and names them.
 * ``lr_schedule(cfg, plan, lr_fn)``: the learning rate as a function of the budget fraction,
   given the run's ``lr_fn`` (RaPTr's paper LR decays only in its final stage).
 * ``metrics(stage, fraction)``: host-side values logged with every logged step.
@@ -33,7 +42,7 @@ line to ``REGISTRY`` in ``methods/__init__.py``.
 """
 from typing import Callable
 
-from raptr_jax.plan import Stage
+from raptr_jax.plan import Scoring, Stage
 
 
 class Method:
@@ -42,6 +51,7 @@ class Method:
   An instance is built for one run's config (``self.cfg``; None for config-free use)."""
   name: str = "baseline"
   composes_with: tuple[str, ...] = ()
+  prepare: tuple[str, ...] = ()            # "module:function(cfg)" run once before training
 
   def __init__(self, cfg=None):
     self.cfg = cfg
@@ -60,6 +70,15 @@ class Method:
   transform_batch: Callable | None = None   # (batch, key, progress) -> batch
   transform_loss: Callable | None = None    # (loss_fn) -> loss_fn, same signature
   transform_grads: Callable | None = None   # (grads, params, key, progress) -> grads
+
+  def scoring(self, cfg) -> Scoring | None:
+    """Forward-only scoring passes per train step (batch selection), or None."""
+    return None
+
+  def batch_feed(self, run, batches):
+    """The ``BatchFeed`` that makes this method's train batches from ``batches`` (candidate
+    batches of ``scoring(cfg).rows`` rows); called once per run when ``scoring`` is not None."""
+    raise NotImplementedError(f"method {self.name!r} declares scoring passes but no batch_feed")
 
   def lr_schedule(self, cfg, plan, lr_fn: Callable) -> Callable:
     """The LR as a function of the budget fraction; ``lr_fn`` is the run's schedule."""

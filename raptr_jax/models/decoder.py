@@ -8,7 +8,6 @@ from flax import nnx
 from raptr_jax.models import embeddings
 from raptr_jax.models.config import ModelConfig
 from raptr_jax.models.core import StackedLayers
-from raptr_jax.models.embeddings import cross_entropy  # noqa: F401  (re-exported)
 from raptr_jax.models.selection import Selection
 
 BATCH_FIELDS = ("inputs", "targets", "weights", "prefix", "segment_ids", "positions")
@@ -42,4 +41,5 @@ def logits_fn(model: DecoderLM, batch, selection: Selection | None = None, packe
 def loss_fn(model: DecoderLM, batch, selection: Selection | None = None, packed: bool = True):
   """Mean token loss and aux metrics for one batch."""
   logits = logits_fn(model, batch, selection, packed)
-  return embeddings.mean_loss(*cross_entropy(logits, batch["targets"], batch["weights"]))
+  return embeddings.token_mean_loss(logits, batch["targets"], batch["weights"],
+                                    batch["segment_ids"] if packed else None)

@@ -54,13 +54,30 @@ def output_logits(module, x, norm, hidden=None):
   return jnp.einsum("btd,dv->btv", x, w, preferred_element_type=jnp.float32)
 
 
-def cross_entropy(logits, targets, weights):
-  """Sum of weighted token losses and the weight total (fp32)."""
+def token_losses(logits, targets, weights):
+  """Weighted cross-entropy at every position ([..., T], fp32) and the weights."""
   logz = jax.nn.logsumexp(logits, axis=-1)
   gold = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  return jnp.sum((logz - gold) * weights), jnp.sum(weights)
+  return (logz - gold) * weights, weights
+
+
+def cross_entropy(logits, targets, weights):
+  """Sum of weighted token losses and the weight total (fp32)."""
+  losses, weights = token_losses(logits, targets, weights)
+  return jnp.sum(losses), jnp.sum(weights)
 
 
 def mean_loss(total, count):
   loss = total / jnp.maximum(count, 1.0)
   return loss, {"loss_sum": total, "loss_tokens": count}
+
+
+def token_mean_loss(logits, targets, weights, segment_ids=None):
+  """Mean token loss over weighted positions, with the per-position losses in ``aux``
+  (``token_loss``, ``token_weight`` and ``token_segment``, the packed segment each position
+  belongs to, 1 when rows are not packed): batch selection scores examples from them, and XLA
+  drops them from steps that do not read them."""
+  losses, weights = token_losses(logits, targets, weights)
+  loss, aux = mean_loss(jnp.sum(losses), jnp.sum(weights))
+  segments = jnp.ones(weights.shape, jnp.int32) if segment_ids is None else segment_ids
+  return loss, aux | {"token_loss": losses, "token_weight": weights, "token_segment": segments}

@@ -64,4 +64,5 @@ def logits_fn(model: EncoderDecoderLM, batch, selection=None, packed: bool = Tru
 
 def loss_fn(model: EncoderDecoderLM, batch, selection=None, packed: bool = True):
   logits = logits_fn(model, batch, selection, packed)
-  return embeddings.mean_loss(*embeddings.cross_entropy(logits, batch["targets"], batch["weights"]))
+  return embeddings.token_mean_loss(logits, batch["targets"], batch["weights"],
+                                    batch["decoder_segment_ids"] if packed else None)

@@ -54,14 +54,15 @@ def loss_fn(model: EncoderMLM, batch, selection: Selection | None = None, packed
   p = model.cfg.max_predictions
   if not p:
     logits = logits_fn(model, batch, selection, packed)
-    return embeddings.mean_loss(*embeddings.cross_entropy(logits, batch["targets"], batch["weights"]))
+    return embeddings.token_mean_loss(logits, batch["targets"], batch["weights"],
+                                      batch["segment_ids"] if packed else None)
   x = model.encode(batch["inputs"], batch["positions"], batch["segment_ids"] if packed else None, selection)
   idx = prediction_positions(batch["weights"], p)
   take = jax.vmap(lambda a, i: jnp.take(a, i, axis=0))
   logits = embeddings.output_logits(model, take(x, idx), model.final_norm,
                                     selection.hidden if selection is not None else None)
-  total, count = embeddings.cross_entropy(logits, take(batch["targets"], idx), take(batch["weights"], idx))
-  loss, aux = embeddings.mean_loss(total, count)
+  loss, aux = embeddings.token_mean_loss(logits, take(batch["targets"], idx), take(batch["weights"], idx),
+                                         take(batch["segment_ids"], idx) if packed else None)
   # Masked positions beyond P would be silently left out: count them (0 unless the data is wrong).
   aux["mlm/unpredicted"] = jnp.sum(batch["weights"] > 0) - jnp.sum(take(batch["weights"], idx) > 0)
   return loss, aux

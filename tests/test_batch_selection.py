@@ -324,3 +324,10 @@ def test_il_model_config_trains_the_holdout_with_the_il_budget(rho_store):
   il = il_losses.il_model_config(rho_store)
   assert il.method.name == "baseline" and il.data.holdout_part == "holdout" and il.budget.value == 6
   assert os.path.basename(il_store.default_path(rho_store)) == "store"
+
+
+def test_comparison_runner_runs_the_methods_preparation(rho_store, capsys):
+  from raptr_jax import compare  # pylint: disable=g-import-not-at-top
+  compare.prepare(rho_store)  # Method.prepare -> il_losses:build, which finds the store built
+  assert "already built" in capsys.readouterr().out
+  compare.prepare(bert("tiny"))  # the baseline declares nothing

@@ -13,6 +13,7 @@ another number of hosts read the same IL loss for an example. The masks must mat
 store records the data version (``data_version``: corpus, vocabulary, objective, lengths, noise
 seed, holdout split), and a run whose version differs is refused.
 """
+import functools
 import hashlib
 import json
 import os
@@ -29,6 +30,13 @@ _DATA_FIELDS = ("source", "tfds_names", "extra_ids", "objective", "denoisers", "
 
 
 def _file_digest(path: str) -> str:
+  """The file's content hash, read once per process while its size and mtime stay the same."""
+  stamp = (os.path.getmtime(path), os.path.getsize(path)) if os.path.exists(path) else None
+  return _digest(path, stamp)
+
+
+@functools.lru_cache(maxsize=16)
+def _digest(path: str, stamp) -> str:
   from raptr_jax.data.vocab import _read_bytes  # pylint: disable=g-import-not-at-top  (gs:// paths too)
   return hashlib.sha256(_read_bytes(path)).hexdigest()[:16]
 

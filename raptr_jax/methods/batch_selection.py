@@ -30,6 +30,8 @@ tokens clock, nothing with ``budget.free_scoring`` (NTNG Section 5.4).
 import jax
 import numpy as np
 
+from raptr_jax.methods.base import Method
+
 
 def check_optimizer(cfg, method: str) -> None:
   if cfg.optimizer.name == "sophia_g":
@@ -117,9 +119,8 @@ class BatchFeed:
     """Arrays to save with a checkpoint (after the first ``next_batch``)."""
     carry = {k: np.zeros((self.batch_size,) + shape, dtype) for k, (shape, dtype) in self._fields.items()}
     n = 0 if self.carry is None else len(self.carry["example_ids"])
-    for k in carry:
-      if n:
-        carry[k][:n] = self.carry[k]
+    for k in carry if n else ():
+      carry[k][:n] = self.carry[k]
     return {"carry": carry, "carry_rows": np.int64(n),
             "totals": np.asarray([self.totals[k] for k in ("passes", "scored", "chosen")], np.int64),
             **self._own_state()}
@@ -136,3 +137,22 @@ class BatchFeed:
 
   def _restore_own(self, saved: dict) -> None:
     pass
+
+
+class BatchSelection(Method):
+  """What the batch-selection methods share as methods: the optimizer check, the feed the run
+  builds once (``make_feed``) and its metrics logged with every logged step."""
+  feed: BatchFeed | None = None
+
+  def validate(self, cfg) -> None:
+    check_optimizer(cfg, self.name)
+
+  def make_feed(self, run, batches) -> BatchFeed:
+    raise NotImplementedError
+
+  def batch_feed(self, run, batches) -> BatchFeed:
+    self.feed = self.make_feed(run, batches)
+    return self.feed
+
+  def metrics(self, stage, fraction) -> dict:
+    return self.feed.metrics() if self.feed is not None else {}

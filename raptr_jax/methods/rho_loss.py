@@ -24,8 +24,7 @@ reported in the store's ``meta.json`` and the run's ``select/il_*`` metrics.
 import numpy as np
 
 from raptr_jax.data import il_store
-from raptr_jax.methods.base import Method
-from raptr_jax.methods.batch_selection import BatchFeed, check_optimizer, row_losses
+from raptr_jax.methods.batch_selection import BatchFeed, BatchSelection, row_losses
 from raptr_jax.plan import Scoring
 
 
@@ -62,11 +61,13 @@ class RhoFeed(BatchFeed):
     return chosen
 
   def metrics(self) -> dict:
+    il = self.store.meta.get("il_model", {})  # the IL model's cost, reported, not charged
     return super().metrics() | {"select/reducible_mean": self.reducible["chosen"],
-                                "select/reducible_mean_all": self.reducible["all"]}
+                                "select/reducible_mean_all": self.reducible["all"]} | {
+                                    f"select/il_{k}": v for k, v in il.items() if k in ("steps", "wall_s", "rst_s")}
 
 
-class RhoLoss(Method):
+class RhoLoss(BatchSelection):
   name = "rho_loss"
   prepare = ("raptr_jax.il_losses:build",)  # the IL store (skipped when it exists)
 
@@ -92,19 +93,11 @@ class RhoLoss(Method):
       if "=" not in str(item) or str(item).startswith("data."):
         raise ValueError(f"method.rho_loss.il_overrides entries are 'section.field=value' for the IL model "
                          f"(data fields are the run's, so the masks match); got {item!r}")
-    check_optimizer(cfg, self.name)
+    super().validate(cfg)
 
   def scoring(self, cfg) -> Scoring:
     return Scoring(rows=mega_batch_rows(cfg), passes_per_step=1.0)
 
-  def batch_feed(self, run, batches):
-    path = il_store.default_path(run.cfg)
-    self.feed = RhoFeed(run, batches, run.cfg.seed, il_store.ILStore.load(path, run.cfg))
-    return self.feed
-
-  def metrics(self, stage, fraction) -> dict:
-    feed = getattr(self, "feed", None)
-    if feed is None:
-      return {}
-    il = feed.store.meta.get("il_model", {})
-    return feed.metrics() | {f"select/il_{k}": v for k, v in il.items() if k in ("steps", "wall_s", "rst_s")}
+  def make_feed(self, run, batches):
+    store = il_store.ILStore.load(il_store.default_path(run.cfg), run.cfg)
+    return RhoFeed(run, batches, run.cfg.seed, store)

@@ -15,8 +15,7 @@ passes are charged on the run's clock (``budget.free_scoring`` drops them, NTNG 
 """
 import numpy as np
 
-from raptr_jax.methods.base import Method
-from raptr_jax.methods.batch_selection import BatchFeed, check_optimizer, row_losses
+from raptr_jax.methods.batch_selection import BatchFeed, BatchSelection, row_losses
 from raptr_jax.plan import Scoring
 
 
@@ -52,13 +51,10 @@ class SelectiveBackpropFeed(BatchFeed):
     super().__init__(run, batches, seed)
     self.beta, self.length = float(beta), int(history)
     self.history = np.zeros(0, np.float64)
-    self.last_kept_ids = np.zeros(0, np.int64)  # first example id of each row kept by the last pass
 
   def choose(self, candidates, losses, weights, rng):
     probs, self.history = keep_probabilities(self.history, row_losses(losses, weights), self.length, self.beta)
-    kept = np.flatnonzero(rng.random(len(probs)) < probs)
-    self.last_kept_ids = candidates["example_ids"][kept, 0]
-    return kept
+    return np.flatnonzero(rng.random(len(probs)) < probs)
 
   def metrics(self) -> dict:
     out = super().metrics()
@@ -76,24 +72,19 @@ class SelectiveBackpropFeed(BatchFeed):
     self.history = np.asarray(saved["history"], np.float64)[:int(saved["history_len"])]
 
 
-class SelectiveBackprop(Method):
+class SelectiveBackprop(BatchSelection):
   name = "selective_backprop"
 
   def validate(self, cfg) -> None:
     o = cfg.method.selective_backprop
     check(o.scale, o.history, o.candidates)
-    check_optimizer(cfg, self.name)
+    super().validate(cfg)
 
   def scoring(self, cfg) -> Scoring:
     o = cfg.method.selective_backprop
     rows = int(o.candidates) or cfg.data.batch_size
     return Scoring(rows=rows, passes_per_step=(o.scale + 1.0) * cfg.data.batch_size / rows)
 
-  def batch_feed(self, run, batches):
+  def make_feed(self, run, batches):
     o = run.cfg.method.selective_backprop
-    self.feed = SelectiveBackpropFeed(run, batches, run.cfg.seed, o.scale, o.history)
-    return self.feed
-
-  def metrics(self, stage, fraction) -> dict:
-    feed = getattr(self, "feed", None)
-    return feed.metrics() if feed is not None else {}
+    return SelectiveBackpropFeed(run, batches, run.cfg.seed, o.scale, o.history)

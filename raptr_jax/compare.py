@@ -6,8 +6,9 @@ A comparison config (see ``configs/compare_small.py``) names the run config, the
 list of ``section.field=value`` overrides), the seeds, the budgets (in the run's budget unit;
 RST by default) and overrides common to every run. Each (budget, method, seed) trains in its own
 folder under the workdir; re-running the command resumes interrupted runs and skips finished
-ones. ``calibrate_missing`` times step kinds absent from the RST table on this device first
-(making it the reference system for them); a method's one-off preparation (``Method.prepare``:
+ones. ``calibrate_missing`` times step kinds absent from the RST table on this device first,
+scaled to the table's reference system through a kind the table has for the same config
+(``rst.calibrate(only_missing=True)``; with none, this device becomes the reference); a method's one-off preparation (``Method.prepare``:
 RHO loss's irreducible-loss store) runs before its first run and is reused after. Outputs in the workdir:
 
 * ``results.md`` / ``results.csv``: final train and validation loss per method and budget,

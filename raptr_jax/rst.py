@@ -134,8 +134,14 @@ def step_costs(cfg, run) -> dict:
 
 def calibrate(cfg, steps: int = 10, warmup: int = 2, table: str | None = None, verbose: bool = True,
               only_missing: bool = False) -> dict:
-  """Times every step kind of ``cfg``'s plan on this device and writes them into the table
-  (``only_missing``: only the kinds the table lacks, so existing reference times stay)."""
+  """Times every step kind of ``cfg``'s plan on this device and writes them into the table.
+
+  ``only_missing``: only the kinds the table lacks, so existing reference times stay. When the
+  table already holds a kind of this config's plan (timed on the reference system), that kind
+  is timed here too as an *anchor*, and every new time is scaled by reference / here: the new
+  kinds are charged what they would have cost on the reference system, assuming this device
+  is uniformly faster or slower (the entry keeps the raw time, the anchor and the factor).
+  Without an anchor this device becomes the reference for the config."""
   from raptr_jax import run as run_lib  # pylint: disable=g-import-not-at-top  (run builds jax state)
   from raptr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   path = table or table_path(cfg)
@@ -157,10 +163,17 @@ def calibrate(cfg, steps: int = 10, warmup: int = 2, table: str | None = None, v
   context = context_key(cfg, run.model_cfg)
   table = load_table(path)
   device = device_description()
-  for kind, stage, hessian in step_kinds(run.plan, run.steps.ctx.optimizer.hessian_interval):
-    key = step_kind_key(context, kind, None if stage is None else stage.shape, hessian)
-    if only_missing and key in table["entries"]:
-      continue
+  kinds = [(kind, stage, hessian, step_kind_key(context, kind, None if stage is None else stage.shape, hessian))
+           for kind, stage, hessian in step_kinds(run.plan, run.steps.ctx.optimizer.hessian_interval)]
+  anchor = None
+  if only_missing:
+    present = [k for k in kinds if k[3] in table["entries"] and k[0] != "eval"]
+    kinds = [k for k in kinds if k[3] not in table["entries"]]
+    if present and kinds:  # time one reference kind here to scale the new ones to the reference
+      anchor = present[0]
+      kinds.insert(0, anchor)
+  scale = 1.0
+  for kind, stage, hessian, key in kinds:
     if kind == "eval":
       evaluate = run.steps.eval_step(run.plan.stages[-1])
       fn = lambda s, i: (s, evaluate(s.params, batch, jnp.float32(1.0)))
@@ -183,15 +196,24 @@ def calibrate(cfg, steps: int = 10, warmup: int = 2, table: str | None = None, v
       if i > warmup:
         times.append(time.perf_counter() - t)
     name = getattr(stage, "name", "score" if kind == "score" else None)
-    table["entries"][key] = device | {
-        "seconds": statistics.median(times), "n": len(times), "kind": kind,
+    seconds = statistics.median(times)
+    if anchor is not None and key == anchor[3]:
+      scale = table["entries"][key]["seconds"] / seconds
+      if verbose:
+        print(f"anchor {key}: {seconds * 1e3:.2f} ms here, {table['entries'][key]['seconds'] * 1e3:.2f} ms on "
+              f"the reference ({table['entries'][key]['device_kind']}): new kinds scaled by {scale:.3f}")
+      continue
+    scaled = {} if anchor is None else {"measured_seconds": seconds, "anchor": anchor[3], "scaled_by": scale}
+    seconds *= scale
+    table["entries"][key] = device | scaled | {
+        "seconds": seconds, "n": len(times), "kind": kind,
         "stage": name, "shape": None if stage is None else repr(stage.shape),
         "hessian": hessian, "dtype": cfg.model.dtype, "batch_size": cfg.data.batch_size,
         "seq_len": cfg.data.seq_len, "optimizer": cfg.optimizer.name, "model": repr(run.model_cfg),
         "calibrated": time.strftime("%Y-%m-%d %H:%M:%S")}
     if verbose:
       print(f"{kind:5s} {name or '':>10s} hessian={int(hessian)}: "
-            f"{statistics.median(times) * 1e3:9.2f} ms  (median of {len(times)})  {key}")
+            f"{seconds * 1e3:9.2f} ms  (median of {len(times)}{', scaled' if anchor else ''})  {key}")
   save_table(path, table)
   if verbose:
     print(f"wrote {path}")
@@ -206,12 +228,15 @@ def main(argv=None):
   cal.add_argument("--table", default=None, help=f"table to write (default: budget.rst_table or {DEFAULT_TABLE})")
   cal.add_argument("--steps", type=int, default=10)
   cal.add_argument("--warmup", type=int, default=2)
+  cal.add_argument("--only_missing", action="store_true",
+                   help="time only the kinds the table lacks, scaled to its reference system through a kind "
+                        "it has (the comparison runner's default)")
   cal.add_argument("overrides", nargs="*", help="config overrides as section.field=value")
   args = parser.parse_args(argv)
   from raptr_jax.config import load_config  # pylint: disable=g-import-not-at-top
   try:
     cfg = load_config(args.config, args.overrides)
-    calibrate(cfg, args.steps, args.warmup, args.table)
+    calibrate(cfg, args.steps, args.warmup, args.table, only_missing=args.only_missing)
   except ValueError as e:
     sys.exit(f"error: {e}")
 

@@ -108,3 +108,26 @@ def test_missing_entries_and_free_hessian(rst_config, tmp_path):
 def test_rst_hours_are_seconds_on_the_clock(tiny_config):
   tiny_config.budget.update(unit="rst_hours", value=0.5)
   assert run_lib.budget_in_units(tiny_config) == ("rst_seconds", 1800.0)
+
+
+def test_missing_kinds_are_scaled_to_the_reference_system_through_an_anchor(rst_config):
+  """A table timed on another machine lacks a kind of the plan: it is timed here together with
+  a kind the table has (the anchor), and scaled by the anchor's reference time / its time here."""
+  cfg = rst_config
+  table = rst.calibrate(cfg, steps=1, warmup=0, verbose=False)
+  for entry in table["entries"].values():  # the reference system was 10x slower than this one
+    entry["seconds"] *= 10.0
+    entry["device_kind"] = "reference"
+  half = next(k for k, e in table["entries"].items() if e["stage"] == "half")
+  del table["entries"][half]
+  rst.save_table(cfg.budget.rst_table, table)
+  entries = rst.calibrate(cfg, steps=1, warmup=0, verbose=False, only_missing=True)["entries"]
+  new = entries[half]
+  assert entries[new["anchor"]]["stage"] == "full"
+  assert {k: e for k, e in entries.items() if k != half} == table["entries"]  # the reference stays
+  assert new["seconds"] == pytest.approx(new["measured_seconds"] * new["scaled_by"])
+  assert 3.0 < new["scaled_by"] < 30.0   # about 10: the anchor's reference time over its time here
+  # Nothing of this config in the table: this device becomes its reference, unscaled.
+  cfg.optimizer.name = "lion"
+  lion = rst.calibrate(cfg, steps=1, warmup=0, verbose=False, only_missing=True)["entries"]
+  assert len(lion) == len(entries) + 3 and not any("scaled_by" in e for k, e in lion.items() if k not in entries)

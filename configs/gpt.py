@@ -4,6 +4,7 @@
     python -m raptr_jax.main --config=configs/gpt.py:tiny
     python -m raptr_jax.main --config=configs/gpt.py:random_ltd        # random-LTD on the default
     python -m raptr_jax.main --config=configs/gpt.py:tiny_random_ltd   # seconds; what tests run
+    python -m raptr_jax.main --config=configs/gpt.py:interlocking      # 2-wise interlocking backprop, K = 4
     python -m raptr_jax.main --config=configs/gpt.py:gpt3_350m_random_ltd \\
         --config.data.source=... --config.data.vocab_path=...          # the paper's, accelerators
 
@@ -14,6 +15,11 @@ Presets:
   kept length 16 -> 64 by 16 over 70% of the steps.
 * ``random_ltd``: the default with random-LTD at the paper's ratios: kept length S/16 -> S in
   steps of 16 over 70% of the budget on all but the first and last layer, LayerToken LR.
+* ``interlocking`` / ``tiny_interlocking``: interlocking backprop (Gomez et al. 2022, Figure 6 at
+  small size): 8 layers in K = 4 components of 2, 2-wise, auxiliary heads of 2 blocks with the
+  tied embedding as output layer (Appendix B.3); each component clips its own gradient.
+  ``--config.method.interlocking.n=1`` is local learning, ``n=4`` end-to-end. The tiny one: 4
+  layers, one per component, heads of 1 block.
 * ``gpt3_350m`` / ``gpt3_350m_random_ltd``: random-LTD Section 4.1 / Appendix D.1: GPT-3 350M
   (24 layers, d 1024, 16 heads, learned positions), seq 2048, batch 256 (0.5M tokens), 300B
   tokens, AdamW b2 0.95, weight decay 0.1, peak LR 3e-4 with 375M warmup tokens, cosine to 10%
@@ -35,14 +41,22 @@ def get_config(preset: str = ""):
   c.schedule.update(name="cosine", peak=2e-3, warmup=0.05, final=0.1)
   c.eval.update(every=0.2, batches=8)
   c.checkpoint.every = 100
-  if preset in ("tiny", "tiny_random_ltd"):
+  if preset in ("tiny", "tiny_random_ltd", "tiny_interlocking"):
     tiny_preset(c, steps=20, mlp_dim=256)
     if preset == "tiny_random_ltd":
       c.model.num_layers = 4
       c.method.name = "random_ltd"
       c.method.random_ltd.update(min_value=16, seq_per_step=16, require_fraction=0.7)
+    if preset == "tiny_interlocking":
+      c.model.num_layers = 4
+      c.method.name = "interlocking"
+      c.method.interlocking.update(components=4, n=2, aux_head_layers=1)
   elif preset == "random_ltd":
     c.method.name = "random_ltd"
+  elif preset == "interlocking":
+    c.model.num_layers = 8
+    c.method.name = "interlocking"
+    c.method.interlocking.update(components=4, n=2, aux_head_layers=2)
   elif preset in ("gpt3_350m", "gpt3_350m_random_ltd"):
     c.model.update(d_model=1024, num_layers=24, num_heads=16, head_dim=64, mlp_dim=4096,
                    max_len=2048, remat="dots")
@@ -59,5 +73,5 @@ def get_config(preset: str = ""):
                                  require_fraction=210 / 300, lr="layer_tokens", max_compiles=121)
   elif preset:
     raise ValueError(f"unknown preset {preset!r} for configs/gpt.py; use tiny, tiny_random_ltd, "
-                     "random_ltd, gpt3_350m, gpt3_350m_random_ltd or none")
+                     "tiny_interlocking, random_ltd, interlocking, gpt3_350m, gpt3_350m_random_ltd or none")
   return c

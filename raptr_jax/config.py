@@ -66,7 +66,8 @@ def base_config() -> ml_collections.ConfigDict:
       freeze_inactive=False)     # True: params a step leaves out keep params and moments
   c.method = dict(
       name="baseline",           # methods.REGISTRY: baseline | raptr | pld | stacking |
-                                 # growth | random_ltd | selective_backprop | rho_loss
+                                 # growth | random_ltd | selective_backprop | rho_loss |
+                                 # interlocking
       raptr=dict(                # methods/raptr.py (RaPTr, Algorithm 1 and Appendices E, G, J)
           axis="depth",          # depth | heads | mlp (Section 4.3: Attention- / MLP-RaPTr)
           mlp_parts=4,           # axis=mlp: the MLP's hidden units in this many equal parts
@@ -119,7 +120,17 @@ def base_config() -> ml_collections.ConfigDict:
           mega_batch=0,          # rows scored per step; 0 = 2 x data.batch_size (NTNG; Mindermann: 10x)
           store="",              # irreducible-loss store; "" = il_store/<data version>
           il_budget=0.0,         # IL model's budget in budget.unit; 0 = half the run's budget
-          il_overrides=()))      # "section.field=value" for the IL model (default: same model)
+          il_overrides=()),      # "section.field=value" for the IL model (default: same model)
+      interlocking=dict(         # methods/interlocking.py (interlocking backprop, Gomez et al. 2022)
+          components=4,          # K contiguous components of the stacked layers
+          sizes=(),              # layers per component, summing to model.num_layers; () = equal
+          n=2,                   # n-wise: component k learns from loss min(k + n - 1, K); 1 = local,
+                                 # 2 = pairwise, K = end-to-end
+          aux_heads=True,        # False (n = K only): end-to-end without heads = the baseline
+          aux_head_layers=2,     # transformer blocks per auxiliary head (App. B.3); 0 = linear head
+          aux_output="shared",   # shared: aux losses train the output projection too | detached
+          grad_clip=-1.0,        # per component (one value or K); -1 = optimizer.grad_clip; 0 = off
+          lr_scales=()))         # per component LR multipliers; () = 1
   c.schedule = dict(name="cosine", peak=1e-3, warmup=0.05, final=0.1)
   c.eval = dict(every=0.25, batches=8, at_start=True)  # every: budget fraction; batches: 0 = whole split
   c.checkpoint = dict(every=200, keep=2, async_save=True)  # every: steps; 0 = only at the end

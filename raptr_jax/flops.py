@@ -68,12 +68,16 @@ def family_train_flops(family: str, cfg, batch: int, seq_len: int, target_len: i
     return one(length) * (layers - wrapped) + one(kept) * wrapped
 
   head = lambda positions: 2 * cfg.d_model * cfg.vocab_size * batch * positions
+  # Interlocking backprop's auxiliary heads: their blocks on every token and a head each.
+  aux = lambda causal, positions: getattr(cfg, "aux_heads", 0) * (
+      layer_forward_flops(cfg, batch * seq_len, seq_len, causal) * cfg.aux_head_layers + head(positions))
   if family == "decoder":
     layers = cfg.num_layers if num_layers is None else num_layers
-    return 3.0 * (stack("layers", seq_len, layers, True) + head(seq_len))
+    return 3.0 * (stack("layers", seq_len, layers, True) + head(seq_len) + aux(True, seq_len))
   if family == "bert":
     layers = cfg.num_layers if num_layers is None else num_layers
-    return 3.0 * (stack("layers", seq_len, layers, False) + head(cfg.max_predictions or seq_len))
+    positions = cfg.max_predictions or seq_len
+    return 3.0 * (stack("layers", seq_len, layers, False) + head(positions) + aux(False, positions))
   if family == "t5":
     t = target_len or max(1, seq_len // 4)
     enc = stack("encoder", seq_len, cfg.num_layers if num_layers is None else num_layers, False)

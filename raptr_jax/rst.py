@@ -18,7 +18,6 @@ seconds per step, n. The run and the calibration build their keys with the same 
 the plain step costs; ``budget.free_scoring`` does the same for forward-only scoring passes.
 """
 import argparse
-import dataclasses
 import hashlib
 import json
 import os
@@ -37,7 +36,7 @@ DEFAULT_TABLE = "rst_table.json"
 
 def context_key(cfg, model_cfg) -> str:
   """What makes a step cost what it costs, apart from the stage: model, batch, dtype, optimizer."""
-  what = {"model": dataclasses.asdict(model_cfg), "family": cfg.model.family,
+  what = {"model": model_cfg.identity(), "family": cfg.model.family,
           "batch_size": cfg.data.batch_size, "seq_len": cfg.data.seq_len,
           "optimizer": cfg.optimizer.name, "mesh": {k: cfg.mesh[k] for k in ("data", "fsdp", "tensor")}}
   if target_length(cfg.data):  # t5: the decoder length costs too (absent elsewhere: keys unchanged)

@@ -100,13 +100,15 @@ def setup(cfg) -> Run:
                                                      cfg.data.max_predictions)
   if not synthetic:  # objective errors (lengths, sentinels) now, not in the data thread
     build_objective(cfg.data.objective, vocab, cfg.data)
+  method = get_method(cfg.method.name, cfg)
+  derived |= method.model_fields(cfg)
   mcfg = model_config(cfg.model, vocab.vocab_size if vocab else 0, **derived)
   family = get_family(cfg.model.family)
   factory = lambda model_cfg=mcfg: family.module(model_cfg, rngs=nnx.Rngs(params=cfg.seed))
   graphdef, abstract_params = nnx.split(nnx.eval_shape(factory))
   axes = shd.logical_axes_tree(abstract_params)
   pure = nnx.to_pure_dict(abstract_params)
-  optimizer = build_optimizer(cfg.optimizer, mask=decay_mask(pure, axes))
+  optimizer = build_optimizer(method.optimizer_config(cfg.optimizer), mask=decay_mask(pure, axes))
   if optimizer.hessian_interval and family.logits_fn is None:
     raise ValueError(f"optimizer.name={cfg.optimizer.name!r} samples labels from the model's logits, "
                      f"which model.family={cfg.model.family!r} does not expose; use adamw, lion or sophia_h")
@@ -114,7 +116,6 @@ def setup(cfg) -> Run:
   abstract = jax.eval_shape(init)
   shardings = step_lib.state_shardings(abstract, axes, mesh, optimizer.tx)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-  method = get_method(cfg.method.name, cfg)
   plan = build_plan(cfg, mcfg)
   stage_flops = flops_lib.StageFlops(cfg.model.family, mcfg, cfg.data.batch_size, cfg.data.seq_len,
                                      target_length(cfg.data))

@@ -126,6 +126,10 @@ def make_train_step(ctx: StepContext, stage, hessian: bool = False):
   if method is not None and method.transform_loss is not None:
     loss_fn = method.transform_loss(loss_fn)
 
+  value_and_grad = None
+  if method is not None and method.value_and_grad is not None:
+    value_and_grad = method.value_and_grad(ctx, model_of)
+
   def train_step(state: TrainState, batch, key, progress, hessian_batch=None):
     if method is not None and method.transform_batch is not None:
       batch = method.transform_batch(batch, jax.random.fold_in(key, 3), progress)
@@ -134,7 +138,10 @@ def make_train_step(ctx: StepContext, stage, hessian: bool = False):
     def loss_of(params):
       return loss_fn(model_of(params), batch, selection, ctx.packed)
 
-    (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+    if value_and_grad is not None:
+      (loss, aux), grads = value_and_grad(state.params, batch, selection)
+    else:
+      (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
     if method is not None and method.transform_grads is not None:
       grads = method.transform_grads(grads, state.params, jax.random.fold_in(key, 4), progress)
     extra = {}
@@ -154,11 +161,13 @@ def make_train_step(ctx: StepContext, stage, hessian: bool = False):
           k: s.mask(jax.tree.leaves(state.params[k])[0].shape[0])
           for k, s in selection.layer_selections().items()})
     updates, opt_state = opt.tx.update(grads, state.opt_state, state.params, **extra)
+    if method is not None and method.transform_updates is not None:
+      updates = method.transform_updates(updates, progress)
     lr = ctx.lr_fn(progress)
     params = jax.tree.map(lambda p, u: (p - lr * u).astype(p.dtype), state.params, updates)
     metrics = {"loss": loss, "lr": lr, "grad_norm": optax.global_norm(grads),
                "update_norm": lr * optax.global_norm(updates), "loss_tokens": aux["loss_tokens"],
-               **sophia_metrics(opt_state)}
+               **sophia_metrics(opt_state), **aux.get("method_metrics", {})}
     return TrainState(state.step + 1, params, opt_state), metrics
 
   repl = shd.replicated(ctx.mesh)

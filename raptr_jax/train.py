@@ -14,7 +14,6 @@ passes are charged too (``plan.scoring_charge``), and its state is saved with ea
 All randomness is a function of (seed, step) and the data stream's saved position, so a run that
 is killed and re-started with the same workdir reaches the same losses as one that was not.
 """
-import dataclasses
 import json
 import math
 import os
@@ -52,7 +51,7 @@ def run_meta(cfg, mcfg) -> dict:
   changed growth schedule is refused on resume)."""
   from raptr_jax.methods import get_method  # pylint: disable=g-import-not-at-top
   method = get_method(cfg.method.name).meta(cfg)
-  return {"model": dataclasses.asdict(mcfg), "optimizer": cfg.optimizer.name,
+  return {"model": mcfg.identity(), "optimizer": cfg.optimizer.name,
           "method": json.dumps(method, sort_keys=True, default=list),
           "batch_size": cfg.data.batch_size, "seq_len": cfg.data.seq_len, "unit": cfg.budget.unit}
 
@@ -209,7 +208,7 @@ def train(cfg, workdir: str) -> dict:
           fields = stage.model_fields()  # width now (heads, MLP, hidden size) where stages vary it
           row |= {f"subnetwork/{k}": fields.get(k, getattr(run.model_cfg, k)) for k in width_keys}
         row |= run.method.metrics(stage, fraction)
-        row |= {k: v for k, v in host.items() if k.startswith("sophia/")}
+        row |= {k: v for k, v in host.items() if "/" in k}  # namespaced: sophia/*, a method's own
       if do_eval:
         row["eval/loss"] = evaluate(run, state.params, eval_batches, plan.stages[state_stage], fraction)
         if lead:

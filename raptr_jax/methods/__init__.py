@@ -3,6 +3,7 @@
 from raptr_jax.methods.base import Method
 from raptr_jax.methods.compose import Composite
 from raptr_jax.methods.growth import Growth
+from raptr_jax.methods.interlocking import Interlocking
 from raptr_jax.methods.pld import ProgressiveLayerDropping
 from raptr_jax.methods.random_ltd import RandomLTD
 from raptr_jax.methods.raptr import Raptr
@@ -19,6 +20,7 @@ REGISTRY: dict[str, type[Method]] = {
     "random_ltd": RandomLTD,
     "selective_backprop": SelectiveBackprop,
     "rho_loss": RhoLoss,
+    "interlocking": Interlocking,
 }
 
 

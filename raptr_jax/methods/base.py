@@ -17,8 +17,16 @@ default, so a method overrides only what it changes:
   optimizer state) when the run enters stage ``new`` from ``old``: growth operators. Called
   once per boundary crossed, in order, also when a run resumes before a boundary.
 * ``transform_batch(batch, key, progress)``, ``transform_loss(loss_fn)``,
-  ``transform_grads(grads, params, key, progress)``: per-step hooks traced inside the jitted
-  step (batch selection, RHO loss, interlocking backprop). None: not applied.
+  ``transform_grads(grads, params, key, progress)``, ``transform_updates(updates, progress)``
+  (after the optimizer, before the LR): per-step hooks traced inside the jitted step. None: not
+  applied.
+* ``value_and_grad(ctx, model_of)``: replaces the step's ``jax.value_and_grad`` of the family
+  loss with a function ``(params, batch, selection) -> ((loss, aux), grads)`` whose gradients
+  are not those of one scalar (interlocking backprop routes each loss to some parameters).
+  ``aux["method_metrics"]`` (optional) is logged with every logged step.
+* ``model_fields(cfg)``: fields of the ``ModelConfig`` the method needs set (interlocking's
+  auxiliary heads); ``optimizer_config(opt_cfg)``: the optimizer section the run builds its
+  optimizer from (interlocking moves gradient clipping into its components).
 * ``scoring(cfg)`` and ``batch_feed(run, batches)``: batch selection. ``scoring`` says how many
   candidate rows one forward-only scoring pass scores (the training stream then yields batches
   of that many rows) and how many passes a step needs on average (a ``plan.Scoring``, or None);
@@ -70,6 +78,16 @@ class Method:
   transform_batch: Callable | None = None   # (batch, key, progress) -> batch
   transform_loss: Callable | None = None    # (loss_fn) -> loss_fn, same signature
   transform_grads: Callable | None = None   # (grads, params, key, progress) -> grads
+  transform_updates: Callable | None = None  # (updates, progress) -> updates
+  value_and_grad: Callable | None = None    # (ctx, model_of) -> (params, batch, selection) -> ((loss, aux), grads)
+
+  def model_fields(self, cfg) -> dict:
+    """``ModelConfig`` fields this method sets (e.g. auxiliary heads), merged into the model."""
+    return {}
+
+  def optimizer_config(self, opt_cfg):
+    """The ``optimizer`` section the run's optimizer is built from."""
+    return opt_cfg
 
   def scoring(self, cfg) -> Scoring | None:
     """Forward-only scoring passes per train step (batch selection), or None."""

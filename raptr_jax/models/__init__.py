@@ -28,12 +28,18 @@ class Family:
   batch_fields: tuple[str, ...]
   objectives: tuple[str, ...]
   wrap_select: Callable = lambda select, model_cfg: select
+  # One stack split into pieces (interlocking backprop): ``layer_inputs(batch, packed)`` ->
+  # (positions, segment_ids, prefix) of the stacked layers, ``head_loss(cfg, x, norm_scale, w,
+  # batch, packed)`` -> the objective from final hidden states. None: the family has no single stack.
+  layer_inputs: Callable | None = None
+  head_loss: Callable | None = None
 
 
 FAMILIES = {
     "decoder": Family(decoder.DecoderLM, decoder.loss_fn, decoder.logits_fn, decoder.BATCH_FIELDS,
-                      ("ul2", "causal_lm")),
-    "bert": Family(encoder.EncoderMLM, encoder.loss_fn, encoder.logits_fn, encoder.BATCH_FIELDS, ("mlm",)),
+                      ("ul2", "causal_lm"), layer_inputs=decoder.layer_inputs, head_loss=decoder.head_loss),
+    "bert": Family(encoder.EncoderMLM, encoder.loss_fn, encoder.logits_fn, encoder.BATCH_FIELDS, ("mlm",),
+                   layer_inputs=encoder.layer_inputs, head_loss=encoder.head_loss),
     "t5": Family(encdec.EncoderDecoderLM, encdec.loss_fn, encdec.logits_fn, encdec.BATCH_FIELDS,
                  ("span_corruption",),
                  wrap_select=lambda select, model_cfg: for_stacks(select, model_cfg.select_stacks)),

@@ -37,6 +37,10 @@ class ModelConfig:
   norm_eps: float = 1e-6
   init_std: float = 0.02
   attention_impl: str | None = None  # None: cuDNN on GPU in bf16/fp16, else XLA | xla | cudnn
+  # Fields below are set by a method (``Method.model_fields``), not the ``model`` section, and are
+  # recorded (RST keys, checkpoint meta) only when they differ from their default (``identity``).
+  aux_heads: int = dataclasses.field(default=0, metadata={"identity": "when_set"})  # interlocking
+  aux_head_layers: int = dataclasses.field(default=2, metadata={"identity": "when_set"})
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "head_dim", "mlp_dim"):
@@ -55,8 +59,19 @@ class ModelConfig:
         raise ValueError(f"model.{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"model.remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
+    if self.aux_heads < 0 or self.aux_head_layers < 0:
+      raise ValueError("model.aux_heads and aux_head_layers must be >= 0")
     if self.attention_impl not in (None, "xla", "cudnn"):
       raise ValueError(f"model.attention_impl must be None, 'xla' or 'cudnn', got {self.attention_impl!r}")
+
+  def identity(self) -> dict:
+    """The fields that say which model this is (RST table keys, checkpoint meta): every field,
+    except method-set ones still at their default, so adding such a field keeps old keys."""
+    out = dataclasses.asdict(self)
+    for f in dataclasses.fields(self):
+      if f.metadata.get("identity") == "when_set" and out[f.name] == f.default:
+        del out[f.name]
+    return out
 
   @property
   def decoder_layers(self) -> int:

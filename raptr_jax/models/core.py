@@ -28,12 +28,14 @@ class StackedLayers(nnx.Module):
   """L transformer blocks; parameters have shape [L, ...]."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, causal: bool = True,
-               cross_attention: bool = False, num_layers: int | None = None):
+               cross_attention: bool = False, num_layers: int | None = None, init_depth: int | None = None):
+    """``init_depth``: the depth the output projections' init std is scaled for (GPT-2's
+    1 / sqrt(2 depth)); default the stack's own (auxiliary heads stack several short towers)."""
     self.cfg = cfg
     self.causal = causal
     self.num_layers = L = num_layers or cfg.num_layers
     d, n, h, f = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.mlp_dim
-    std, out_std = cfg.init_std, cfg.init_std / (2 * L) ** 0.5
+    std, out_std = cfg.init_std, cfg.init_std / (2 * (init_depth or L)) ** 0.5
     qkv = ((L, d, n, h), ("layers", "embed", "heads", "head_dim"), std)
     out = ((L, n, h, d), ("layers", "heads", "head_dim", "embed"), out_std)
     norm = ((L, d), ("layers", "norm"), 0.0)
@@ -97,6 +99,14 @@ class StackedLayers(nnx.Module):
                              relative_table, context, context_segment_ids, hidden)
       done, row = b, row + b - a
     return self._scan(part(done, k), x, attend)
+
+  def run_layers(self, params, x, positions, segment_ids=None, prefix=None):
+    """Runs the blocks of ``params`` (a slice of the stacked parameters, e.g. one component's
+    contiguous layers; any leading count) in order on x [B, T, d], full width, no selection:
+    the same computation as those layers inside ``__call__``."""
+    count = jax.tree.leaves(params)[0].shape[0]
+    attend = self._attend(positions, segment_ids, prefix, jnp.arange(x.shape[1])[None], None, None, None)
+    return self._scan((params, jnp.ones((count,), jnp.float32), None, None), x, attend)
 
   def _attend(self, positions, segment_ids, prefix, rows, relative_table, context, context_segment_ids,
               hidden=None):

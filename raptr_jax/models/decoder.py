@@ -6,6 +6,7 @@ LM everywhere; UL2 targets only), averaged over those positions, computed in fp3
 from flax import nnx
 
 from raptr_jax.models import embeddings
+from raptr_jax.models.aux_heads import AuxHeads
 from raptr_jax.models.config import ModelConfig
 from raptr_jax.models.core import StackedLayers
 from raptr_jax.models.selection import Selection
@@ -20,6 +21,8 @@ class DecoderLM(nnx.Module):
     embeddings.init_embeddings(self, cfg, rngs)
     self.layers = StackedLayers(cfg, rngs=rngs, causal=True)
     self.final_norm = embeddings.norm_param(rngs, cfg)
+    if cfg.aux_heads:  # interlocking backprop (methods/interlocking.py)
+      self.aux_heads = AuxHeads(cfg, rngs=rngs, causal=True)
 
   def __call__(self, inputs, positions=None, segment_ids=None, prefix=None,
                selection: Selection | None = None):
@@ -29,6 +32,18 @@ class DecoderLM(nnx.Module):
     x = embeddings.embed(self, inputs, positions, hidden)
     x = self.layers(x, positions, segment_ids, prefix, selection)
     return embeddings.output_logits(self, x, self.final_norm, hidden)
+
+
+def layer_inputs(batch, packed: bool = True):
+  """(positions, segment_ids, prefix) the stacked layers read from a batch."""
+  return (batch["positions"], batch["segment_ids"] if packed else None, batch["prefix"] if packed else None)
+
+
+def head_loss(cfg: ModelConfig, x, norm_scale, w, batch, packed: bool = True, hidden=None):
+  """The objective from final hidden states x [B, T, d] through RMSNorm ``norm_scale`` and the
+  projection ``w`` [d, V]: the model's head, or an auxiliary head (interlocking backprop)."""
+  return embeddings.token_mean_loss(embeddings.project(cfg, x, norm_scale, w, hidden), batch["targets"],
+                                    batch["weights"], batch["segment_ids"] if packed else None)
 
 
 def logits_fn(model: DecoderLM, batch, selection: Selection | None = None, packed: bool = True):

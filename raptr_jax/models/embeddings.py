@@ -35,23 +35,50 @@ def default_positions(inputs, positions):
   return jnp.broadcast_to(jnp.arange(inputs.shape[1]), inputs.shape) if positions is None else positions
 
 
+EMBEDDING_PARAMS = ("embedding", "pos_embedding")  # what ``embed_tokens`` reads
+
+
 def embed(module, inputs, positions, hidden=None):
   """Token ids [B, T] -> [B, T, d] in the compute dtype (plus learned positions if present),
   times the hidden-dimension growth mask ``hidden`` [d] when given."""
-  dt = module.cfg.compute_dtype
-  x = jnp.take(module.embedding.value, inputs, axis=0).astype(dt)
+  params = {"embedding": module.embedding.value}
   if hasattr(module, "pos_embedding"):
-    x = x + jnp.take(module.pos_embedding.value, positions, axis=0).astype(dt)
+    params["pos_embedding"] = module.pos_embedding.value
+  return embed_tokens(module.cfg, params, inputs, positions, hidden)
+
+
+def embed_tokens(cfg: ModelConfig, params: dict, inputs, positions, hidden=None):
+  """``embed`` on a pure parameter dict (``EMBEDDING_PARAMS`` it holds)."""
+  dt = cfg.compute_dtype
+  x = jnp.take(params["embedding"], inputs, axis=0).astype(dt)
+  if "pos_embedding" in params:
+    x = x + jnp.take(params["pos_embedding"], positions, axis=0).astype(dt)
   return x if hidden is None else x * hidden.astype(dt)
+
+
+def output_matrix(params: dict, cfg: ModelConfig):
+  """The output projection [d, V] of a family's pure parameter dict: the token embedding
+  transposed (tied) or the untied ``head``."""
+  return params["embedding"].T if cfg.tied_embeddings else params["head"]
+
+
+def project(cfg: ModelConfig, x, norm_scale, w, hidden=None):
+  """RMSNorm with ``norm_scale`` [d] and the output projection ``w`` [d, V]: [B, T, d] -> fp32
+  logits [B, T, V] (``hidden``: the growth mask of ``Selection.hidden``)."""
+  dt = cfg.compute_dtype
+  x = layers.rms_norm(x, norm_scale, cfg.norm_eps, hidden)
+  return jnp.einsum("btd,dv->btv", x, w.astype(dt), preferred_element_type=jnp.float32)
+
+
+def head_weight(module):
+  """``output_matrix`` of a family module."""
+  return module.embedding.value.T if module.cfg.tied_embeddings else module.head.value
 
 
 def output_logits(module, x, norm, hidden=None):
   """Final RMSNorm and the (tied or untied) head: [B, T, d] -> fp32 logits [B, T, V]
   (``hidden``: the growth mask of ``Selection.hidden``)."""
-  cfg, dt = module.cfg, module.cfg.compute_dtype
-  x = layers.rms_norm(x, norm.value, cfg.norm_eps, hidden)
-  w = module.embedding.value.astype(dt).T if cfg.tied_embeddings else module.head.value.astype(dt)
-  return jnp.einsum("btd,dv->btv", x, w, preferred_element_type=jnp.float32)
+  return project(module.cfg, x, norm.value, head_weight(module), hidden)
 
 
 def token_losses(logits, targets, weights):

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from raptr_jax.models import embeddings
+from raptr_jax.models.aux_heads import AuxHeads
 from raptr_jax.models.config import ModelConfig
 from raptr_jax.models.core import StackedLayers
 from raptr_jax.models.selection import Selection
@@ -26,6 +27,8 @@ class EncoderMLM(nnx.Module):
     embeddings.init_embeddings(self, cfg, rngs)
     self.layers = StackedLayers(cfg, rngs=rngs, causal=False)
     self.final_norm = embeddings.norm_param(rngs, cfg)
+    if cfg.aux_heads:  # interlocking backprop (methods/interlocking.py)
+      self.aux_heads = AuxHeads(cfg, rngs=rngs, causal=False)
 
   def encode(self, inputs, positions=None, segment_ids=None, selection: Selection | None = None):
     """Token ids [B, T] -> final hidden states [B, T, d] (before the final norm)."""
@@ -51,16 +54,27 @@ def logits_fn(model: EncoderMLM, batch, selection: Selection | None = None, pack
 
 def loss_fn(model: EncoderMLM, batch, selection: Selection | None = None, packed: bool = True):
   """Mean loss over the masked positions of a batch."""
-  p = model.cfg.max_predictions
-  if not p:
-    logits = logits_fn(model, batch, selection, packed)
-    return embeddings.token_mean_loss(logits, batch["targets"], batch["weights"],
-                                      batch["segment_ids"] if packed else None)
+  hidden = selection.hidden if selection is not None else None
   x = model.encode(batch["inputs"], batch["positions"], batch["segment_ids"] if packed else None, selection)
+  return head_loss(model.cfg, x, model.final_norm.value, embeddings.head_weight(model), batch, packed, hidden)
+
+
+def layer_inputs(batch, packed: bool = True):
+  """(positions, segment_ids, prefix) the stacked layers read from a batch (no prefix)."""
+  return batch["positions"], batch["segment_ids"] if packed else None, None
+
+
+def head_loss(cfg: ModelConfig, x, norm_scale, w, batch, packed: bool = True, hidden=None):
+  """The masked-token loss from final hidden states x [B, T, d] through RMSNorm ``norm_scale``
+  and the projection ``w`` [d, V], on the first ``cfg.max_predictions`` masked positions of each
+  row (all positions when 0): the model's head, or an auxiliary head (interlocking backprop)."""
+  p = cfg.max_predictions
+  if not p:
+    return embeddings.token_mean_loss(embeddings.project(cfg, x, norm_scale, w, hidden), batch["targets"],
+                                      batch["weights"], batch["segment_ids"] if packed else None)
   idx = prediction_positions(batch["weights"], p)
   take = jax.vmap(lambda a, i: jnp.take(a, i, axis=0))
-  logits = embeddings.output_logits(model, take(x, idx), model.final_norm,
-                                    selection.hidden if selection is not None else None)
+  logits = embeddings.project(cfg, take(x, idx), norm_scale, w, hidden)
   loss, aux = embeddings.token_mean_loss(logits, take(batch["targets"], idx), take(batch["weights"], idx),
                                          take(batch["segment_ids"], idx) if packed else None)
   # Masked positions beyond P would be silently left out: count them (0 unless the data is wrong).

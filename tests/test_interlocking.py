@@ -1,0 +1,260 @@
+"""Interlocking backprop: routed gradients against an explicit reference, the end-to-end and
+evaluation equivalences, per-component clipping and LR, config errors."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from raptr_jax import config as config_lib
+from raptr_jax import run as run_lib
+from raptr_jax import train as train_lib
+from raptr_jax.data import pipeline
+from raptr_jax.methods import interlocking
+from raptr_jax.metrics import read_metrics
+from raptr_jax.models import aux_heads as aux_lib
+from raptr_jax.models import embeddings, get_family
+from conftest import load_config, quiet
+
+
+def _config(family="decoder", K=4, n=2, sizes=(), **options):
+  cfg = quiet(load_config("bert" if family == "bert" else "ul2", "tiny"))
+  cfg.model.update(num_layers=4, dtype="float32")
+  cfg.method.name = "interlocking"
+  cfg.method.interlocking.update(components=K, n=n, sizes=sizes, grad_clip=0.0, **options)
+  return cfg
+
+
+def _setup(cfg):
+  run = run_lib.setup(cfg)
+  params = run.init().params
+  key = jax.random.key(1)  # heads and the final norm away from their init (ones), so every path matters
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.fold_in(key, p.size), p.shape), params)
+  stream = pipeline.build_stream(cfg.data, "train", cfg.data.batch_size, cfg.seed, train=True)
+  batch = run.device_batch(stream.next_batch())
+  return run, params, batch
+
+
+@pytest.fixture(scope="module")
+def pairwise():
+  """K = 4 components of one layer each, 2-wise, heads of 2 blocks: (run, params, batch, routed)."""
+  run, params, batch = _setup(_config(K=4, n=2))
+  return run, params, batch, _routed(run, params, batch)
+
+
+def _routed(run, params, batch, modes=None):
+  """The method's routed (loss, aux), grads; with ``modes``, one per n in one compile."""
+  ctx = run.steps.ctx
+  model_of = lambda p: nnx.merge(ctx.graphdef, p)
+  if modes is None:
+    return jax.jit(run.method.value_and_grad(ctx, model_of))(params, batch)
+  fns = []
+  for n in modes:
+    cfg = run.cfg.copy_and_resolve_references()
+    cfg.method.interlocking.n = n
+    fns.append(interlocking.Interlocking(cfg).value_and_grad(ctx, model_of))
+  return jax.jit(lambda p, b: [f(p, b) for f in fns])(params, batch)
+
+
+def _reference_losses(run, params, batch, split):
+  """Each loss as a function of explicitly separate parameter roles (the embedding's input use,
+  each component's layers, each head, the output matrix of each head): the K losses and the
+  gradient of each w.r.t. every role (``jax.jacrev``: each loss differentiated on its own)."""
+  mcfg = run.model_cfg
+  family = get_family(run.cfg.model.family)
+  model = nnx.merge(run.steps.ctx.graphdef, params)
+  positions, segments, prefix = family.layer_inputs(batch, True)
+  K = split.count
+  roles = {"embed_in": {k: params[k] for k in embeddings.EMBEDDING_PARAMS if k in params},
+           "components": [jax.tree.map(lambda p: p[a:b], params["layers"]) for a, b in split.bounds],
+           "towers": [aux_lib.tower(params["aux_heads"], k, mcfg.aux_head_layers) for k in range(K - 1)],
+           "final_norm": params["final_norm"],
+           "w": [embeddings.output_matrix(params, mcfg)] * K}
+
+  def losses(r):
+    out, h = [], embeddings.embed_tokens(mcfg, r["embed_in"], batch["inputs"], positions)
+    for t, theta in enumerate(r["components"]):
+      h = model.layers.run_layers(theta, h, positions, segments, prefix)
+      if t == K - 1:
+        out.append(family.head_loss(mcfg, h, r["final_norm"], r["w"][t], batch)[0])
+      else:
+        tower = r["towers"][t]
+        y = aux_lib.head_hidden(getattr(model.aux_heads, "layers", None), tower, h, positions, segments, prefix)
+        out.append(family.head_loss(mcfg, y, tower["norm"], r["w"][t], batch)[0])
+    return jnp.stack(out)
+
+  values, jac = jax.jit(lambda r: (losses(r), jax.jacrev(losses)(r)))(roles)
+  return values, [jax.tree.map(lambda g, t=t: g[t], jac) for t in range(K)]
+
+
+def _expected(params, mcfg, split, grads, shared=True):
+  """The routed gradient: a parameter's gradient sums the gradients, w.r.t. its roles, of the
+  losses the routing sends to it (``grads[t]``: loss t's gradient w.r.t. every role)."""
+  K = split.count
+  g_w = grads[K - 1]["w"][K - 1] + (sum(grads[t]["w"][t] for t in range(K - 1)) if shared else 0.0)
+  expected = dict(params)
+  expected["layers"] = jax.tree.map(lambda *p: jnp.concatenate(p), *[grads[split.target(k)]["components"][k]
+                                                                      for k in range(K)])
+  expected |= grads[split.target(0)]["embed_in"]
+  expected["final_norm"] = grads[K - 1]["final_norm"]
+  if mcfg.tied_embeddings:
+    expected["embedding"] = expected["embedding"] + g_w.T
+  else:
+    expected["head"] = g_w
+  towers = [grads[k]["towers"][k] for k in range(K - 1)]
+  expected["aux_heads"] = {"norms": jnp.stack([t["norm"] for t in towers])}
+  if mcfg.aux_head_layers:
+    expected["aux_heads"]["layers"] = jax.tree.map(lambda *p: jnp.concatenate(p), *[t["layers"] for t in towers])
+  return expected
+
+
+def _assert_trees_close(actual, expected):
+  flat_a, tree_a = jax.tree.flatten_with_path(actual)
+  flat_e, tree_e = jax.tree.flatten_with_path(expected)
+  assert tree_a == tree_e
+  for (path, a), (_, e) in zip(flat_a, flat_e):
+    scale = float(jnp.max(jnp.abs(e))) + 1e-12
+    np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=2e-4, atol=2e-5 * scale,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("K,sizes", [(3, (2, 1, 1)), (4, ())])
+def test_routed_gradients_equal_the_explicit_reference(K, sizes):
+  """Every mode n = 1 (local) .. K (end-to-end): each parameter's gradient is exactly the
+  gradient of the losses routed to it, and no other."""
+  run, params, batch = _setup(_config(K=K, n=1, sizes=sizes))
+  split = run.method.split()
+  values, grads = _reference_losses(run, params, batch, split)
+  for n, ((loss, aux), routed) in zip(range(1, K + 1), _routed(run, params, batch, range(1, K + 1))):
+    split_n = interlocking.Split(split.sizes, n)
+    assert float(loss) == pytest.approx(float(values[-1]), rel=1e-5)
+    for k in range(K - 1):
+      assert float(aux["method_metrics"][f"interlocking/aux_loss_{k + 1}"]) == pytest.approx(float(values[k]), rel=1e-5)
+    _assert_trees_close(routed, _expected(params, run.model_cfg, split_n, grads))
+
+
+def test_bert_tied_embeddings_and_detached_heads_route_the_output_matrix():
+  """BERT: tied embedding (input use from L_t(1), output use from the final loss only when the
+  heads are detached), sparse prediction heads; linear auxiliary heads (0 blocks)."""
+  cfg = _config("bert", K=3, n=2, sizes=(1, 2, 1), aux_output="detached", aux_head_layers=0)
+  run, params, batch = _setup(cfg)
+  assert run.model_cfg.tied_embeddings and run.model_cfg.max_predictions > 0
+  assert "layers" not in params["aux_heads"]
+  (loss, _), routed = _routed(run, params, batch)
+  split = run.method.split()
+  values, grads = _reference_losses(run, params, batch, split)
+  assert float(loss) == pytest.approx(float(values[-1]), rel=1e-5)
+  _assert_trees_close(routed, _expected(params, run.model_cfg, split, grads, shared=False))
+
+
+def test_end_to_end_without_heads_is_the_baseline_gradient():
+  cfg = _config(K=4, n=4, aux_heads=False)
+  run, params, batch = _setup(cfg)
+  assert "aux_heads" not in params
+  (loss, _), grads = _routed(run, params, batch)
+  ctx = run.steps.ctx
+  family = get_family("decoder")
+  (base_loss, _), base_grads = jax.jit(jax.value_and_grad(
+      lambda p: family.loss_fn(nnx.merge(ctx.graphdef, p), batch), has_aux=True))(params)
+  assert float(loss) == pytest.approx(float(base_loss), rel=1e-6)
+  _assert_trees_close(grads, base_grads)
+
+
+def test_evaluation_uses_the_final_component_only(pairwise):
+  """Evaluation is the model without its heads, whatever the heads hold."""
+  run, params, batch, _ = pairwise
+  family = get_family("decoder")
+  evaluate = run.steps.eval_step()
+  total, count = evaluate(params, batch, jnp.float32(0.0))
+  moved = params | {"aux_heads": jax.tree.map(lambda p: p + 1.0, params["aux_heads"])}
+  assert float(evaluate(moved, batch, jnp.float32(0.0))[0]) == float(total)
+  plain = {k: v for k, v in params.items() if k != "aux_heads"}
+  plain_cfg = dataclasses.replace(run.model_cfg, aux_heads=0)
+  graphdef = nnx.split(nnx.eval_shape(lambda: family.module(plain_cfg, rngs=nnx.Rngs(params=0))))[0]
+  loss, _ = family.loss_fn(nnx.merge(graphdef, plain), batch)
+  assert float(total / count) == pytest.approx(float(loss), rel=1e-5)
+
+
+def test_per_component_clipping_and_learning_rates(pairwise):
+  run, params, _, (_, grads) = pairwise
+  split = run.method.split()
+  norms = jnp.sqrt(interlocking._group_sq_norms(grads, split))
+  clip = float(jnp.median(norms))
+  clipped, before = interlocking._clip_per_component(grads, split, clip)
+  np.testing.assert_allclose(before, norms, rtol=1e-6)
+  after = jnp.sqrt(interlocking._group_sq_norms(clipped, split))
+  np.testing.assert_allclose(after, jnp.minimum(norms, clip), rtol=1e-5)
+  # Each component is scaled as a whole: its direction is kept.
+  factor = np.asarray(jnp.minimum(1.0, clip / norms))
+  layer_factor = factor[split.layer_component()]
+  np.testing.assert_allclose(clipped["layers"]["q"], grads["layers"]["q"] * layer_factor[:, None, None, None],
+                             rtol=1e-5)
+  np.testing.assert_allclose(clipped["embedding"], grads["embedding"] * factor[0], rtol=1e-5)
+  np.testing.assert_allclose(clipped["final_norm"], grads["final_norm"] * factor[-1], rtol=1e-5)
+  np.testing.assert_allclose(clipped["aux_heads"]["norms"], grads["aux_heads"]["norms"] * factor[:3, None],
+                             rtol=1e-5)
+  ones = jax.tree.map(jnp.ones_like, params)
+  scaled = interlocking._scale_components(ones, split, (1.0, 0.5, 0.25, 2.0))
+  assert scaled["layers"]["wi"][:, 0, 0].tolist() == [1.0, 0.5, 0.25, 2.0]
+  assert scaled["aux_heads"]["layers"]["wo"][:, 0, 0].tolist() == [1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
+  assert float(scaled["head"][0, 0]) == 2.0 and float(scaled["embedding"][0, 0]) == 1.0
+
+
+def test_a_run_logs_each_head_and_component(tmp_path):
+  """The GPT preset (learned positions, tied head, 1-block heads), clipped per component at
+  optimizer.grad_clip, with a smaller LR for the last component."""
+  config_lib.validate(load_config("gpt", "interlocking"))
+  cfg = quiet(load_config("gpt", "tiny_interlocking"))
+  cfg.method.interlocking.lr_scales = (1.0, 1.0, 1.0, 0.5)
+  cfg.budget.value, cfg.log.every = 4, 2
+  train_lib.train(cfg, str(tmp_path / "run"))
+  rows = [r for r in read_metrics(tmp_path / "run") if "train/loss" in r]
+  assert len(rows) == 2
+  for k in (1, 2, 3):
+    assert np.isfinite(rows[-1][f"interlocking/aux_loss_{k}"])
+  for k in (1, 2, 3, 4):
+    assert rows[-1][f"interlocking/grad_norm_{k}"] > 0
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (dict(components=5), "components=5: cut the 4 layers into 2 to 4"),
+    (dict(components=3), r"does not divide model.num_layers=4 .*sizes \(e.g. \(2, 1, 1\)\)"),
+    (dict(components=3, sizes=(2, 1)), r"sizes=\(2, 1\) must give 3 positive layer counts"),
+    (dict(components=3, sizes=(2, 1, 2)), "summing to model.num_layers=4"),
+    (dict(n=0), r"n=0 must be in \[1, 4\]"),
+    (dict(n=5), r"n=5 must be in \[1, 4\]"),
+    (dict(aux_heads=False), "aux_heads=False .* set method.interlocking.n=4"),
+    (dict(aux_output="sum"), "aux_output must be one of"),
+    (dict(lr_scales=(1.0, 2.0)), "lr_scales has 2 entries for 4 components"),
+    (dict(grad_clip=-2.0), "grad_clip=-2.0"),
+])
+def test_bad_options_are_config_errors(overrides, match):
+  cfg = _config(K=4, n=2)
+  cfg.method.interlocking.update(**overrides)
+  with pytest.raises(ValueError, match=match):
+    config_lib.validate(cfg)
+
+
+def test_families_and_optimizers_it_cannot_run_are_refused():
+  cfg = quiet(load_config("t5", "tiny"))
+  cfg.method.name = "interlocking"
+  cfg.method.interlocking.components = 2
+  with pytest.raises(ValueError, match="model.family='t5' has an encoder and a decoder"):
+    config_lib.validate(cfg)
+  cfg = _config(K=4, n=2)
+  cfg.optimizer.name = "sophia_h"
+  with pytest.raises(ValueError, match="use adamw, lion or adafactor"):
+    config_lib.validate(cfg)
+
+
+def test_flops_count_the_auxiliary_heads():
+  from raptr_jax import flops  # pylint: disable=g-import-not-at-top
+  cfg = _config(K=4, n=2)
+  base = run_lib.model_config(cfg.model, 8192)
+  heads = dataclasses.replace(base, aux_heads=3, aux_head_layers=2)
+  extra = flops.family_train_flops("decoder", heads, 8, 64) - flops.family_train_flops("decoder", base, 8, 64)
+  tokens = 8 * 64
+  assert extra == pytest.approx(3.0 * 3 * (2 * flops.layer_forward_flops(base, tokens, 64) +
+                                          2 * base.d_model * base.vocab_size * tokens))

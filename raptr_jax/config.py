@@ -130,7 +130,8 @@ def base_config() -> ml_collections.ConfigDict:
           aux_head_layers=2,     # transformer blocks per auxiliary head (App. B.3); 0 = linear head
           aux_output="shared",   # shared: aux losses train the output projection too | detached
           grad_clip=-1.0,        # per component (one value or K); -1 = optimizer.grad_clip; 0 = off
-          lr_scales=()))         # per component LR multipliers; () = 1
+          lr_scales=(),          # per component LR multipliers; () = 1
+          time_model="devices"))  # RST charge: devices (K-device critical path, Fig. 2) | single
   c.schedule = dict(name="cosine", peak=1e-3, warmup=0.05, final=0.1)
   c.eval = dict(every=0.25, batches=8, at_start=True)  # every: budget fraction; batches: 0 = whole split
   c.checkpoint = dict(every=200, keep=2, async_save=True)  # every: steps; 0 = only at the end

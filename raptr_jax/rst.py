@@ -4,7 +4,9 @@ A run with ``budget.unit = "rst_seconds"`` (or ``"rst_hours"``) is charged, for 
 time its *step kind* took on the reference system, read from a calibration table; it stops when
 the charges reach the budget. Step kinds: every stage shape of the plan, with and without
 Sophia-G's Hessian pass, batch selection's forward-only scoring pass (``("score", rows)``), plus
-full-model evaluation (timed, never charged).
+full-model evaluation (timed, never charged). A method may charge a modelled time instead of
+the compiled step's (``Method.modelled_step``: interlocking backprop's step on K devices); the
+entry then keeps the model's inputs and the compiled step's time beside it.
 
     python -m raptr_jax.rst calibrate --config=configs/ul2.py [--table=rst_tables/mine.json]
 
@@ -196,6 +198,12 @@ def calibrate(cfg, steps: int = 10, warmup: int = 2, table: str | None = None, v
         times.append(time.perf_counter() - t)
     name = getattr(stage, "name", "score" if kind == "score" else None)
     seconds = statistics.median(times)
+    modelled = {}
+    if kind == "train" and not hessian:  # a method may charge a modelled time (K devices)
+      model = run.method.modelled_step(run, stage, state, batch, steps, warmup)
+      if model is not None:
+        modelled = {"modelled": model, "compiled_step_seconds": seconds}
+        seconds = float(model["seconds"])
     if anchor is not None and key == anchor[3]:
       scale = table["entries"][key]["seconds"] / seconds
       if verbose:
@@ -204,7 +212,7 @@ def calibrate(cfg, steps: int = 10, warmup: int = 2, table: str | None = None, v
       continue
     scaled = {} if anchor is None else {"measured_seconds": seconds, "anchor": anchor[3], "scaled_by": scale}
     seconds *= scale
-    table["entries"][key] = device | scaled | {
+    table["entries"][key] = device | scaled | modelled | {
         "seconds": seconds, "n": len(times), "kind": kind,
         "stage": name, "shape": None if stage is None else repr(stage.shape),
         "hessian": hessian, "dtype": cfg.model.dtype, "batch_size": cfg.data.batch_size,

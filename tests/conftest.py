@@ -1,10 +1,23 @@
 import os
+import tempfile
 
+import jax
 import pytest
 
 from raptr_jax import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Tests build the same tiny models over and over (every run compiles its init and steps): a
+# persistent compilation cache, one folder per xdist worker (no two writers), compiles each
+# program once per worker and keeps it for the next session (halves the suite on 2 cores).
+# RAPTR_TEST_JAX_CACHE="" turns it off; a path moves it.
+_cache = os.environ.get("RAPTR_TEST_JAX_CACHE", os.path.join(tempfile.gettempdir(), "raptr_jax_test_cache"))
+if _cache:
+  jax.config.update("jax_compilation_cache_dir",
+                    os.path.join(_cache, os.environ.get("PYTEST_XDIST_WORKER", "main")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def load_config(name: str, preset: str = ""):

@@ -258,3 +258,38 @@ def test_flops_count_the_auxiliary_heads():
   tokens = 8 * 64
   assert extra == pytest.approx(3.0 * 3 * (2 * flops.layer_forward_flops(base, tokens, 64) +
                                           2 * base.d_model * base.vocab_size * tokens))
+
+
+def test_time_model_is_the_papers_figure_2_in_units_and_follows_the_slowest_path():
+  from raptr_jax.methods import interlocking_time as tm  # pylint: disable=g-import-not-at-top
+  K = 4
+  unit = tm.ComponentTimes(forward=(1.0,) * K, backward=(1.0,) * K, backward_input=(1.0,) * K,
+                           head=(0.0,) * K, update=(0.0,) * K)
+  # Figure 2, per step once the pipeline is full: local 2, n-wise 2n, end-to-end 2a.
+  assert [tm.step_time(interlocking.Split((1,) * K, n), unit) for n in range(1, K + 1)] == [2, 4, 6, 8]
+  three = interlocking.Split((1,) * K, 3)  # targets 2, 3, 3, 3: loss 2 passes through c_2 and c_3 (1-based)
+  assert [tm.pass_throughs(three, j) for j in range(K)] == [0, 1, 1, 0]
+  # A slow third component lengthens the cycles that run through it, and its device's load.
+  slow = dataclasses.replace(unit, forward=(1.0, 1.0, 5.0, 1.0), head=(0.5, 0.5, 0.5, 0.5),
+                             update=(0.25,) * K)
+  pairwise = interlocking.Split((1,) * K, 2)
+  assert tm.cycle(pairwise, slow, 1) == 1.0 + 5.0 + 0.5 + 1.0 + 1.0 + 0.25   # c_2 learns from L_3
+  assert tm.device_load(pairwise, slow, 2) == 5.0 + 0.5 + 1.0 + 1.0 + 0.25    # one pass-through (L_3 to c_2)
+  assert tm.step_time(pairwise, slow) == max(tm.cycle(pairwise, slow, k) for k in range(K))
+
+
+def test_rst_calibration_charges_the_modelled_k_device_step(tmp_path):
+  from raptr_jax import rst  # pylint: disable=g-import-not-at-top
+  cfg = quiet(load_config("ul2", "tiny"))
+  cfg.method.name = "interlocking"
+  cfg.method.interlocking.update(components=2, n=1, aux_head_layers=1)
+  cfg.budget.rst_table = str(tmp_path / "table.json")
+  entries = rst.calibrate(cfg, steps=2, warmup=0, verbose=False)["entries"]
+  train = next(e for e in entries.values() if e["kind"] == "train")
+  model = train["modelled"]
+  assert train["seconds"] == model["seconds"] and train["compiled_step_seconds"] > 0
+  assert model["devices"] == 2 and model["n"] == 1 and len(model["components"]["forward"]) == 2
+  from raptr_jax.methods import interlocking_time as tm  # pylint: disable=g-import-not-at-top
+  times = tm.ComponentTimes(**{k: tuple(v) for k, v in model["components"].items()})
+  assert model["seconds"] == pytest.approx(tm.step_time(interlocking.Split((1, 1), 1), times))
+  assert all(v > 0 for v in times.forward + times.head)

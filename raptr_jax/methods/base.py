@@ -24,6 +24,8 @@ default, so a method overrides only what it changes:
   loss with a function ``(params, batch, selection) -> ((loss, aux), grads)`` whose gradients
   are not those of one scalar (interlocking backprop routes each loss to some parameters).
   ``aux["method_metrics"]`` (optional) is logged with every logged step.
+* ``modelled_step(run, stage, state, batch, steps, warmup)``: RST calibration of a step whose
+  reference time is modelled rather than measured (interlocking backprop on K devices).
 * ``model_fields(cfg)``: fields of the ``ModelConfig`` the method needs set (interlocking's
   auxiliary heads); ``optimizer_config(opt_cfg)``: the optimizer section the run builds its
   optimizer from (interlocking moves gradient clipping into its components).
@@ -80,6 +82,12 @@ class Method:
   transform_grads: Callable | None = None   # (grads, params, key, progress) -> grads
   transform_updates: Callable | None = None  # (updates, progress) -> updates
   value_and_grad: Callable | None = None    # (ctx, model_of) -> (params, batch, selection) -> ((loss, aux), grads)
+
+  def modelled_step(self, run, stage, state, batch, steps: int, warmup: int) -> dict | None:
+    """RST calibration: what a train step of ``stage`` is charged when it is not this device's
+    time of the compiled step, as ``{"seconds": ..., ...}`` (the rest is recorded in the table;
+    interlocking backprop: its K-device time model); None: the compiled step is timed."""
+    return None
 
   def model_fields(self, cfg) -> dict:
     """``ModelConfig`` fields this method sets (e.g. auxiliary heads), merged into the model."""

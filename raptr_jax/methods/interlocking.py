@@ -43,13 +43,19 @@ c_K), ``optimizer.grad_clip`` by default, which this method turns off globally (
 couple components that never exchange gradients); ``lr_scales`` multiplies each component's
 (and its head's) learning rate. Moments and weight decay are per parameter already.
 
+Time: on an RST budget a step is charged what it would take with one component per device
+(``time_model="devices"``, the paper's fixed-time perspective): ``interlocking_time`` models the
+critical path of each mode (Figure 2) from per-component times measured at calibration;
+``"single"`` charges this device's time of the whole step.
+
 Families: the decoder (UL2, GPT) and BERT. T5 has two stacks joined by cross-attention (every
 decoder layer reads the encoder output), so contiguous components of one stack do not describe
 it; it is refused at config time.
 
 Options (``method.interlocking``): ``components`` (K, 4 as the paper's Figure 6 midpoint),
 ``sizes`` (() = equal), ``n`` (2), ``aux_heads`` (True), ``aux_head_layers`` (2),
-``aux_output`` (shared), ``grad_clip`` (-1 = optimizer.grad_clip), ``lr_scales`` (() = 1).
+``aux_output`` (shared), ``grad_clip`` (-1 = optimizer.grad_clip), ``lr_scales`` (() = 1),
+``time_model`` (devices).
 """
 import dataclasses
 
@@ -61,6 +67,7 @@ from raptr_jax.models import aux_heads as aux_lib
 from raptr_jax.models import embeddings, get_family
 
 AUX_OUTPUTS = ("shared", "detached")
+TIME_MODELS = ("devices", "single")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,6 +165,8 @@ class Interlocking(Method):
     if c.grad_clip < 0 and c.grad_clip != -1.0:
       raise ValueError(f"method.interlocking.grad_clip={c.grad_clip}: each component's gradient-norm clip; "
                        "0 = off, -1 = optimizer.grad_clip")
+    if c.time_model not in TIME_MODELS:
+      raise ValueError(f"method.interlocking.time_model must be one of {TIME_MODELS}, got {c.time_model!r}")
     if cfg.optimizer.name in ("sophia_g", "sophia_h"):
       raise ValueError(f"optimizer.name={cfg.optimizer.name!r} estimates the curvature of one objective; "
                        "interlocking backprop trains each component on its own loss: use adamw, lion or adafactor")
@@ -264,6 +273,17 @@ class Interlocking(Method):
       return (loss, aux | {"method_metrics": metrics}), grads
 
     return value_and_grad
+
+  def modelled_step(self, run, stage, state, batch, steps: int, warmup: int):
+    """RST: a step charged what it takes with one component per device (``interlocking_time``),
+    unless ``time_model="single"`` (this device's time of the whole step)."""
+    if self.section.time_model != "devices":
+      return None
+    from raptr_jax.methods import interlocking_time  # pylint: disable=g-import-not-at-top
+    split = self.split()
+    times = interlocking_time.measure(run, state, batch, steps, warmup)
+    return {"seconds": interlocking_time.step_time(split, times), "devices": split.count, "n": split.n,
+            "components": times.to_dict()}
 
   def transform_updates(self, updates, progress):
     scales = per_component(self.section.lr_scales, int(self.section.components), "lr_scales", 1.0)

@@ -16,8 +16,9 @@ Presets:
 * ``random_ltd``: the default with random-LTD at the paper's ratios: kept length S/16 -> S in
   steps of 16 over 70% of the budget on all but the first and last layer, LayerToken LR.
 * ``interlocking`` / ``tiny_interlocking``: interlocking backprop (Gomez et al. 2022, Figure 6 at
-  small size): 8 layers in K = 4 components of 2, 2-wise, auxiliary heads of 2 blocks with the
-  tied embedding as output layer (Appendix B.3); each component clips its own gradient.
+  small size): 12 layers in K = 4 components of 3, 2-wise, auxiliary heads of 1 block (the
+  paper's 2-block heads on 6-block components, same ratio) with the tied embedding as output
+  layer (Appendix B.3); each component clips its own gradient.
   ``--config.method.interlocking.n=1`` is local learning, ``n=4`` end-to-end. The tiny one: 4
   layers, one per component, heads of 1 block.
 * ``gpt3_350m`` / ``gpt3_350m_random_ltd``: random-LTD Section 4.1 / Appendix D.1: GPT-3 350M
@@ -54,9 +55,9 @@ def get_config(preset: str = ""):
   elif preset == "random_ltd":
     c.method.name = "random_ltd"
   elif preset == "interlocking":
-    c.model.num_layers = 8
+    c.model.num_layers = 12
     c.method.name = "interlocking"
-    c.method.interlocking.update(components=4, n=2, aux_head_layers=2)
+    c.method.interlocking.update(components=4, n=2, aux_head_layers=1)
   elif preset in ("gpt3_350m", "gpt3_350m_random_ltd"):
     c.model.update(d_model=1024, num_layers=24, num_heads=16, head_dim=64, mlp_dim=4096,
                    max_len=2048, remat="dots")

@@ -1,0 +1,86 @@
+"""Interlocking backprop: step time of each mode on one device, and modelled on K devices.
+
+    python bench/bench_interlocking.py                       # ~370M decoder, K = 4 components of 6
+    python bench/bench_interlocking.py --preset=tiny --set model.num_layers=4   # CPU smoke run
+
+On one device, params and a synthetic batch, in interleaved rounds: the baseline train step and
+the train step of each mode (local, 2-wise, ..., end-to-end with heads). Every mode computes the
+same forward passes and heads; they differ in the backward work (pass-through input gradients),
+so on one device n-wise costs at least the end-to-end step. The K-device time is the
+``interlocking_time`` model (Figure 2's critical path) from per-component times measured on
+this device; its ratio to end-to-end is the speed-up the paper claims for K accelerators (2-wise
+under half of end-to-end at 4 components).
+"""
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from bench_step import PRESETS, bench_config
+from raptr_jax import train as train_lib
+from raptr_jax.data.pipeline import synthetic_batch
+from raptr_jax.methods import interlocking, interlocking_time
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--preset", default="350m", choices=sorted(PRESETS))
+  parser.add_argument("--set", action="append", default=[], help="section.field=value override")
+  parser.add_argument("--components", type=int, default=4)
+  parser.add_argument("--aux_head_layers", type=int, default=2)
+  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--rounds", type=int, default=3)
+  args = parser.parse_args()
+  base_cfg = bench_config(args.preset, args.set)
+  K = args.components
+  b, n = base_cfg.data.batch_size, base_cfg.data.seq_len
+  key, at = jax.random.key(0), jnp.float32(0.5)
+  variants, runs = {}, {}
+  for mode in ["baseline"] + list(range(1, K + 1)):
+    cfg = base_cfg.copy_and_resolve_references()
+    if mode != "baseline":
+      cfg.method.name = "interlocking"
+      cfg.method.interlocking.update(components=K, n=mode, aux_head_layers=args.aux_head_layers)
+    run = train_lib.setup(cfg, need_costs=False)
+    batch = run.device_batch(synthetic_batch(b, n, run.model_cfg.vocab_size, seed=0, family=cfg.model.family))
+    state = run.init()
+    step = run.steps.train_step(run.plan.stages[0])
+    name = "baseline" if mode == "baseline" else {1: "local (1-wise)", K: "end-to-end + heads"}.get(mode, f"{mode}-wise")
+    runs[name] = (run, state, batch)
+    variants[name] = (step, batch)
+  states = {name: runs[name][1] for name in variants}
+  times = {name: [] for name in variants}
+  for name, (step, batch) in variants.items():  # compile and warm up
+    for _ in range(2):
+      states[name], m = step(states[name], batch, key, at)
+    jax.block_until_ready(m)
+  for _ in range(args.rounds):
+    for name, (step, batch) in variants.items():
+      for _ in range(args.steps):
+        t = time.perf_counter()
+        states[name], m = step(states[name], batch, key, at)
+        jax.block_until_ready(m)
+        times[name].append(time.perf_counter() - t)
+  run, _, batch = runs["local (1-wise)"]  # the steps donated their inputs: the latest states
+  pieces = interlocking_time.measure(run, states["local (1-wise)"], batch, steps=args.steps)
+  split = run.method.split()
+  e2e = interlocking_time.step_time(interlocking.Split(split.sizes, K), pieces)
+  base = statistics.median(times["baseline"])
+  print(f"preset {args.preset}: {base_cfg.model.num_layers} layers in {K} components, heads of "
+        f"{args.aux_head_layers} blocks, d={base_cfg.model.d_model}, batch {b} x seq {n}, "
+        f"{jax.devices()[0].device_kind}, jax {jax.__version__}; median of {args.rounds} x {args.steps}")
+  print(f"{'mode':22s} {'1 device':>11s} {'x baseline':>10s} {'K devices (model)':>18s} {'x end-to-end':>12s}")
+  for mode, name in enumerate(variants):
+    t = statistics.median(times[name])
+    modelled = interlocking_time.step_time(interlocking.Split(split.sizes, mode), pieces) if mode else None
+    tail = f"{modelled * 1e3:15.2f} ms {modelled / e2e:12.2f}" if modelled else ""
+    print(f"{name:22s} {t * 1e3:8.2f} ms {t / base:10.2f} {tail}")
+  print("per component (ms): " + ", ".join(
+      f"{k} {[round(v * 1e3, 2) for v in getattr(pieces, k)]}" for k in ("forward", "backward", "backward_input",
+                                                                        "head", "update")))
+
+
+if __name__ == "__main__":
+  main()

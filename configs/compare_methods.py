@@ -3,7 +3,7 @@ RHO loss on the default UL2 decoder
 (4 layers, built-in corpus) under one budget of 180 seconds of reference system time, the
 2-core CPU reference of ``rst_tables/cpu_2core.json`` (step kinds missing there are timed on
 the current device first and scaled to the reference through the full model's train step, which
-the table has). About 40 minutes on 2 CPU cores.
+the table has). About an hour on 2 CPU cores.
 
     python -m raptr_jax.compare --config=configs/compare_methods.py --workdir=runs/compare_methods
 

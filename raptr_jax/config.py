@@ -129,7 +129,7 @@ def base_config() -> ml_collections.ConfigDict:
           aux_heads=True,        # False (n = K only): end-to-end without heads = the baseline
           aux_head_layers=2,     # transformer blocks per auxiliary head (App. B.3); 0 = linear head
           aux_output="shared",   # shared: aux losses train the output projection too | detached
-          grad_clip=-1.0,        # per component (one value or K); -1 = optimizer.grad_clip; 0 = off
+          grad_clip=-1.0,        # each component's own norm clip; -1 = optimizer.grad_clip; 0 = off
           lr_scales=(),          # per component LR multipliers; () = 1
           time_model="devices"))  # RST charge: devices (K-device critical path, Fig. 2) | single
   c.schedule = dict(name="cosine", peak=1e-3, warmup=0.05, final=0.1)

@@ -138,11 +138,12 @@ def calibrate(cfg, steps: int = 10, warmup: int = 2, table: str | None = None, v
   """Times every step kind of ``cfg``'s plan on this device and writes them into the table.
 
   ``only_missing``: only the kinds the table lacks, so existing reference times stay. When the
-  table already holds a kind of this config's plan (timed on the reference system), that kind
-  is timed here too as an *anchor*, and every new time is scaled by reference / here: the new
-  kinds are charged what they would have cost on the reference system, assuming this device
-  is uniformly faster or slower (the entry keeps the raw time, the anchor and the factor).
-  Without an anchor this device becomes the reference for the config."""
+  table already holds a kind of this config's plan (timed on the reference system), or else the
+  full step of this config without its method, that kind is timed here too as an *anchor*, and
+  every new time is scaled by reference / here: the new kinds are charged what they would have
+  cost on the reference system, assuming this device is uniformly faster or slower (the entry
+  keeps the raw time, the anchor, the factor and this device). Without an anchor this device
+  becomes the reference for the config."""
   from raptr_jax import run as run_lib  # pylint: disable=g-import-not-at-top  (run builds jax state)
   from raptr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   path = table or table_path(cfg)
@@ -166,14 +167,19 @@ def calibrate(cfg, steps: int = 10, warmup: int = 2, table: str | None = None, v
   device = device_description()
   kinds = [(kind, stage, hessian, step_kind_key(context, kind, None if stage is None else stage.shape, hessian))
            for kind, stage, hessian in step_kinds(run.plan, run.steps.ctx.optimizer.hessian_interval)]
-  anchor = None
+  anchor, scale = None, 1.0
   if only_missing:
     present = [k for k in kinds if k[3] in table["entries"] and k[0] != "eval"]
     kinds = [k for k in kinds if k[3] not in table["entries"]]
     if present and kinds:  # time one reference kind here to scale the new ones to the reference
       anchor = present[0]
       kinds.insert(0, anchor)
-  scale = 1.0
+    elif kinds and cfg.method.name != "baseline":  # nothing of this config: its baseline's full step
+      found = _baseline_anchor(cfg, table, batch, steps, warmup)
+      if found is not None:
+        anchor, scale = found
+        if verbose:
+          print(f"anchor {anchor[3]} (the baseline of this config): new kinds scaled by {scale:.3f}")
   for kind, stage, hessian, key in kinds:
     if kind == "eval":
       evaluate = run.steps.eval_step(run.plan.stages[-1])
@@ -189,15 +195,8 @@ def calibrate(cfg, steps: int = 10, warmup: int = 2, table: str | None = None, v
       args = (batch, jnp.float32(at)) + ((hbatch,) if hessian else ())
       # Each timed step draws its own selection (a Bernoulli subnetwork's size varies).
       fn = lambda s, i, step=step, args=args: step(s, args[0], jax.random.key(i), *args[1:])
-    times = []
-    for i in range(1 + warmup + steps):  # the first call compiles: never timed
-      t = time.perf_counter()
-      state, out = fn(state, i)
-      jax.block_until_ready(out)
-      if i > warmup:
-        times.append(time.perf_counter() - t)
+    state, seconds = _median_step(fn, state, steps, warmup)
     name = getattr(stage, "name", "score" if kind == "score" else None)
-    seconds = statistics.median(times)
     modelled = {}
     if kind == "train" and not hessian:  # a method may charge a modelled time (K devices)
       model = run.method.modelled_step(run, stage, state, batch, steps, warmup)
@@ -210,21 +209,54 @@ def calibrate(cfg, steps: int = 10, warmup: int = 2, table: str | None = None, v
         print(f"anchor {key}: {seconds * 1e3:.2f} ms here, {table['entries'][key]['seconds'] * 1e3:.2f} ms on "
               f"the reference ({table['entries'][key]['device_kind']}): new kinds scaled by {scale:.3f}")
       continue
-    scaled = {} if anchor is None else {"measured_seconds": seconds, "anchor": anchor[3], "scaled_by": scale}
+    scaled = {} if anchor is None else {  # charged as the reference system's time
+        "measured_seconds": seconds, "anchor": anchor[3], "scaled_by": scale, "timed_on": device["device_kind"],
+        "device_kind": table["entries"][anchor[3]]["device_kind"]}
     seconds *= scale
-    table["entries"][key] = device | scaled | modelled | {
-        "seconds": seconds, "n": len(times), "kind": kind,
+    table["entries"][key] = device | modelled | scaled | {
+        "seconds": seconds, "n": steps, "kind": kind,
         "stage": name, "shape": None if stage is None else repr(stage.shape),
         "hessian": hessian, "dtype": cfg.model.dtype, "batch_size": cfg.data.batch_size,
         "seq_len": cfg.data.seq_len, "optimizer": cfg.optimizer.name, "model": repr(run.model_cfg),
         "calibrated": time.strftime("%Y-%m-%d %H:%M:%S")}
     if verbose:
       print(f"{kind:5s} {name or '':>10s} hessian={int(hessian)}: "
-            f"{seconds * 1e3:9.2f} ms  (median of {len(times)}{', scaled' if anchor else ''})  {key}")
+            f"{seconds * 1e3:9.2f} ms  (median of {steps}{', scaled' if anchor else ''})  {key}")
   save_table(path, table)
   if verbose:
     print(f"wrote {path}")
   return table
+
+
+def _median_step(fn, state, steps: int, warmup: int):
+  """(state, median seconds) of ``steps`` calls of ``fn(state, i) -> (state, out)`` after the
+  compiling call and ``warmup`` untimed ones."""
+  times = []
+  for i in range(1 + warmup + steps):  # the first call compiles: never timed
+    t = time.perf_counter()
+    state, out = fn(state, i)
+    jax.block_until_ready(out)
+    if i > warmup:
+      times.append(time.perf_counter() - t)
+  return state, statistics.median(times)
+
+
+def _baseline_anchor(cfg, table, batch, steps: int, warmup: int):
+  """((kind, stage, hessian, key), scale) from the full train step of ``cfg`` without its method,
+  when the table has it (a method that changes the model, e.g. interlocking's heads, has no
+  kind of its own config there to anchor to); None otherwise."""
+  from raptr_jax import run as run_lib  # pylint: disable=g-import-not-at-top
+  base = cfg.copy_and_resolve_references()
+  base.method.name = "baseline"
+  run = run_lib.setup(base)
+  stage = run.plan.stages[0]
+  key = step_kind_key(context_key(base, run.model_cfg), "train", stage.shape, False)
+  if key not in table["entries"]:
+    return None
+  step = run.steps.train_step(stage)
+  _, seconds = _median_step(lambda s, i: step(s, batch, jax.random.key(i), jnp.float32(0.5)), run.init(),
+                            steps, warmup)
+  return ("train", stage, False, key), table["entries"][key]["seconds"] / seconds
 
 
 def main(argv=None):

@@ -30,8 +30,10 @@ def _config(family="decoder", K=4, n=2, sizes=(), **options):
 def _setup(cfg):
   run = run_lib.setup(cfg)
   params = run.init().params
-  key = jax.random.key(1)  # heads and the final norm away from their init (ones), so every path matters
-  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.fold_in(key, p.size), p.shape), params)
+  # Every leaf moved by its own noise (norms away from ones, heads away from init): every path matters.
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  params = jax.tree.unflatten(tree, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
   stream = pipeline.build_stream(cfg.data, "train", cfg.data.batch_size, cfg.seed, train=True)
   batch = run.device_batch(stream.next_batch())
   return run, params, batch
@@ -120,6 +122,20 @@ def _assert_trees_close(actual, expected):
                                err_msg=jax.tree_util.keystr(path))
 
 
+def test_each_component_learns_from_the_loss_n_minus_1_components_ahead():
+  """Section 3: component k (1-based) learns from L_{min(k + n - 1, K)}; written out, not derived."""
+  targets = {(4, 1): [1, 2, 3, 4], (4, 2): [2, 3, 4, 4], (4, 3): [3, 4, 4, 4], (4, 4): [4, 4, 4, 4],
+             (3, 1): [1, 2, 3], (3, 2): [2, 3, 3], (3, 3): [3, 3, 3]}
+  for (K, n), expected in targets.items():
+    split = interlocking.Split((1,) * K, n)
+    assert [split.target(k) + 1 for k in range(K)] == expected, (K, n)
+  # The losses that reach a component's parameters are never its own auxiliary loss when n >= 2.
+  for K in (3, 4):
+    for n in range(2, K + 1):
+      split = interlocking.Split((1,) * K, n)
+      assert all(split.target(k) != k for k in range(K - 1))
+
+
 @pytest.mark.parametrize("K,sizes", [(3, (2, 1, 1)), (4, ())])
 def test_routed_gradients_equal_the_explicit_reference(K, sizes):
   """Every mode n = 1 (local) .. K (end-to-end): each parameter's gradient is exactly the
@@ -135,18 +151,33 @@ def test_routed_gradients_equal_the_explicit_reference(K, sizes):
     _assert_trees_close(routed, _expected(params, run.model_cfg, split_n, grads))
 
 
-def test_bert_tied_embeddings_and_detached_heads_route_the_output_matrix():
-  """BERT: tied embedding (input use from L_t(1), output use from the final loss only when the
-  heads are detached), sparse prediction heads; linear auxiliary heads (0 blocks)."""
-  cfg = _config("bert", K=3, n=2, sizes=(1, 2, 1), aux_output="detached", aux_head_layers=0)
+@pytest.mark.parametrize("name,options", [
+    # BERT: tied embedding (input use from L_t(1), output use from the final loss only: detached
+    # heads), sparse prediction heads, linear auxiliary heads (0 blocks).
+    ("bert", dict(sizes=(1, 2, 1), aux_output="detached", aux_head_layers=0)),
+    # GPT preset: tied embedding trained by every head (shared), learned positions, 1-block heads.
+    ("gpt", dict(sizes=(1, 2, 1), aux_output="shared", aux_head_layers=1)),
+])
+def test_tied_output_layer_routes_per_aux_output(name, options):
+  if name == "gpt":
+    cfg = quiet(load_config("gpt", "tiny_interlocking"))
+    cfg.model.dtype = "float32"
+    cfg.method.interlocking.update(components=3, n=2, grad_clip=0.0, **options)
+  else:
+    cfg = _config("bert", K=3, n=2, **options)
   run, params, batch = _setup(cfg)
-  assert run.model_cfg.tied_embeddings and run.model_cfg.max_predictions > 0
-  assert "layers" not in params["aux_heads"]
+  assert run.model_cfg.tied_embeddings
+  assert ("layers" in params["aux_heads"]) == bool(options["aux_head_layers"])
+  if name == "bert":
+    assert run.model_cfg.max_predictions > 0
   (loss, _), routed = _routed(run, params, batch)
   split = run.method.split()
   values, grads = _reference_losses(run, params, batch, split)
   assert float(loss) == pytest.approx(float(values[-1]), rel=1e-5)
-  _assert_trees_close(routed, _expected(params, run.model_cfg, split, grads, shared=False))
+  # The reference's final loss is the family's own loss of the model (the heads aside).
+  assert float(values[-1]) == pytest.approx(float(run.steps.ctx.loss_fn(
+      nnx.merge(run.steps.ctx.graphdef, params), batch)[0]), rel=1e-5)
+  _assert_trees_close(routed, _expected(params, run.model_cfg, split, grads, shared=options["aux_output"] == "shared"))
 
 
 def test_end_to_end_without_heads_is_the_baseline_gradient():
@@ -218,6 +249,24 @@ def test_a_run_logs_each_head_and_component(tmp_path):
     assert rows[-1][f"interlocking/grad_norm_{k}"] > 0
 
 
+def test_lr_scales_reach_the_train_step(pairwise):
+  """A component with a tiny LR scale (and its head, and the final norm for the last) barely
+  moves in a step; the others move as usual."""
+  run, params, batch, _ = pairwise
+  cfg = run.cfg.copy_and_resolve_references()
+  cfg.method.interlocking.lr_scales = (1.0, 1e-6, 1.0, 1e-6)
+  run = run_lib.setup(cfg)
+  state = run.init()
+  before = jax.tree.map(np.asarray, state.params)
+  state, _ = run.steps.train_step(run.plan.stages[0])(state, batch, jax.random.key(0), jnp.float32(0.5))
+  moved = lambda a, b: float(np.max(np.abs(np.asarray(a) - b)))
+  wi = [moved(state.params["layers"]["wi"][k], before["layers"]["wi"][k]) for k in range(4)]
+  assert wi[0] > 1e-4 and wi[2] > 1e-4 and wi[1] < 1e-8 and wi[3] < 1e-8
+  assert moved(state.params["final_norm"], before["final_norm"]) < 1e-8
+  heads = [moved(state.params["aux_heads"]["norms"][k], before["aux_heads"]["norms"][k]) for k in range(3)]
+  assert heads[0] > 1e-4 and heads[1] < 1e-8 and heads[2] > 1e-4
+
+
 @pytest.mark.parametrize("overrides,match", [
     (dict(components=5), "components=5: cut the 4 layers into 2 to 4"),
     (dict(components=3), r"does not divide model.num_layers=4 .*sizes \(e.g. \(2, 1, 1\)\)"),
@@ -237,7 +286,7 @@ def test_bad_options_are_config_errors(overrides, match):
     config_lib.validate(cfg)
 
 
-def test_families_and_optimizers_it_cannot_run_are_refused():
+def test_families_optimizers_and_compositions_it_cannot_run_are_refused():
   cfg = quiet(load_config("t5", "tiny"))
   cfg.method.name = "interlocking"
   cfg.method.interlocking.components = 2
@@ -247,6 +296,9 @@ def test_families_and_optimizers_it_cannot_run_are_refused():
   cfg.optimizer.name = "sophia_h"
   with pytest.raises(ValueError, match="use adamw, lion or adafactor"):
     config_lib.validate(cfg)
+  from raptr_jax.methods import Composite, Method  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="interlocking.value_and_grad.* cannot merge"):
+    Composite([interlocking.Interlocking(_config(K=4, n=2)), Method()])
 
 
 def test_flops_count_the_auxiliary_heads():
@@ -278,18 +330,30 @@ def test_time_model_is_the_papers_figure_2_in_units_and_follows_the_slowest_path
   assert tm.step_time(pairwise, slow) == max(tm.cycle(pairwise, slow, k) for k in range(K))
 
 
-def test_rst_calibration_charges_the_modelled_k_device_step(tmp_path):
+def test_rst_charges_the_modelled_k_device_step_scaled_through_the_baseline(tmp_path):
+  """Each mode is its own step kind; a table timed elsewhere (here: 10x slower) has only the
+  baseline of this config, which anchors the new kinds; the run is charged the modelled time."""
   from raptr_jax import rst  # pylint: disable=g-import-not-at-top
   cfg = quiet(load_config("ul2", "tiny"))
+  cfg.budget.update(unit="rst_seconds", value=1.0, rst_table=str(tmp_path / "table.json"))
+  table = rst.calibrate(cfg, steps=2, warmup=0, verbose=False)
+  for entry in table["entries"].values():
+    entry["seconds"] *= 10.0
+    entry["device_kind"] = "reference"
+  rst.save_table(cfg.budget.rst_table, table)
   cfg.method.name = "interlocking"
   cfg.method.interlocking.update(components=2, n=1, aux_head_layers=1)
-  cfg.budget.rst_table = str(tmp_path / "table.json")
-  entries = rst.calibrate(cfg, steps=2, warmup=0, verbose=False)["entries"]
-  train = next(e for e in entries.values() if e["kind"] == "train")
+  keys = {}
+  for n in (1, 2):
+    other = cfg.copy_and_resolve_references()
+    other.method.interlocking.n = n
+    keys[n] = train_lib.setup(other, need_costs=False).plan.stages[0].shape
+  assert keys[1] != keys[2] and ("full",) not in keys.values()
+  entries = rst.calibrate(cfg, steps=2, warmup=0, verbose=False, only_missing=True)["entries"]
+  train = next(e for e in entries.values() if e["kind"] == "train" and "modelled" in e)
   model = train["modelled"]
-  assert train["seconds"] == model["seconds"] and train["compiled_step_seconds"] > 0
   assert model["devices"] == 2 and model["n"] == 1 and len(model["components"]["forward"]) == 2
-  from raptr_jax.methods import interlocking_time as tm  # pylint: disable=g-import-not-at-top
-  times = tm.ComponentTimes(**{k: tuple(v) for k, v in model["components"].items()})
-  assert model["seconds"] == pytest.approx(tm.step_time(interlocking.Split((1, 1), 1), times))
-  assert all(v > 0 for v in times.forward + times.head)
+  assert entries[train["anchor"]]["stage"] == "full" and train["device_kind"] == "reference"
+  assert 3.0 < train["scaled_by"] < 30.0
+  assert train["seconds"] == pytest.approx(model["seconds"] * train["scaled_by"])
+  assert train_lib.setup(cfg).plan.step_costs[(keys[1], False)] == train["seconds"]

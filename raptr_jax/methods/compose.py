@@ -76,6 +76,10 @@ def _chain(f, g, combine):
   return combine(f, g)
 
 
+# Hooks a composition cannot merge field by field (interlocking backprop's routed gradients).
+WHOLE_STEP_HOOKS = ("value_and_grad", "transform_updates", "modelled_step", "model_fields", "optimizer_config")
+
+
 class Composite(Method):
   """``parts[0]`` and ``parts[1]`` on one plan."""
 
@@ -85,6 +89,11 @@ class Composite(Method):
     self.name = "+".join(p.name for p in parts)
     self._part_stages = {}   # id of a composite stage -> the parts' stages it runs
     a, b = parts
+    whole_step = [f"{p.name}.{hook}" for p in parts for hook in WHOLE_STEP_HOOKS
+                  if getattr(type(p), hook) is not getattr(Method, hook)]
+    if whole_step:
+      raise ValueError(f"method.name={self.name!r}: {', '.join(whole_step)} owns the whole gradient, step time, "
+                       "model or optimizer, which a composition cannot merge; run the method alone")
     self.transform_batch = _chain(a.transform_batch, b.transform_batch,
                                   lambda f, g: lambda batch, key, p: g(f(batch, key, p), key, p))
     self.transform_loss = _chain(a.transform_loss, b.transform_loss, lambda f, g: lambda fn: g(f(fn)))

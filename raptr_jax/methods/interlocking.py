@@ -39,9 +39,17 @@ pull-back does not use (the parameter half of a pass-through, the input half at 
 
 Each component has its own optimizer settings: its gradient is clipped to norm ``grad_clip`` on
 its own (its layers and head, plus the embeddings for c_1, the final norm and untied head for
-c_K), ``optimizer.grad_clip`` by default, which this method turns off globally (a global norm would
+c_K; a tied embedding is one matrix and goes with c_1, its output uses included),
+``optimizer.grad_clip`` by default, which this method turns off globally (a global norm would
 couple components that never exchange gradients); ``lr_scales`` multiplies each component's
-(and its head's) learning rate. Moments and weight decay are per parameter already.
+(and its head's) learning rate, with the same grouping. Moments and weight decay are per
+parameter already. The logged ``grad_norm`` is after that clipping; ``interlocking/grad_norm_k``
+are the components' norms before it.
+
+A reading of the paper: Figure 1's caption and Section 3.1 ("the first component optimises for
+both its local loss, and the loss of the second") can be read as component k also learning from
+its own loss in n-wise modes; we follow Section 3's rule as stated (gradients from
+L_{c_{k+(N-1)}} only), so an n-wise component never sees its own head's loss.
 
 Time: on an RST budget a step is charged what it would take with one component per device
 (``time_model="devices"``, the paper's fixed-time perspective): ``interlocking_time`` models the
@@ -65,6 +73,7 @@ import jax.numpy as jnp
 from raptr_jax.methods.base import Method
 from raptr_jax.models import aux_heads as aux_lib
 from raptr_jax.models import embeddings, get_family
+from raptr_jax.plan import Stage
 
 AUX_OUTPUTS = ("shared", "detached")
 TIME_MODELS = ("devices", "single")
@@ -171,6 +180,13 @@ class Interlocking(Method):
       raise ValueError(f"optimizer.name={cfg.optimizer.name!r} estimates the curvature of one objective; "
                        "interlocking backprop trains each component on its own loss: use adamw, lion or adafactor")
 
+  def stages(self, cfg, model_cfg):
+    """One full-model stage whose shape names the mode: its compiled step and its RST charge
+    (a modelled K-device time) differ from the baseline's and between modes."""
+    split, c = split_of(cfg.method.interlocking, int(model_cfg.num_layers)), cfg.method.interlocking
+    return (Stage("full", 1.0, shape=("interlocking", split.sizes, split.n, bool(c.aux_heads),
+                                      int(c.aux_head_layers), str(c.aux_output), str(c.time_model))),)
+
   def model_fields(self, cfg) -> dict:
     c = cfg.method.interlocking
     if not c.aux_heads:
@@ -219,14 +235,14 @@ class Interlocking(Method):
 
       one = jnp.ones((), jnp.float32)
       losses, cotangents, g_towers, g_w = [], [], [], jnp.zeros_like(w)
+      stack = getattr(model.aux_heads, "layers", None) if heads else None
+
+      def aux_head(head, w, h):
+        y = aux_lib.head_hidden(stack, head, h, positions, segments, prefix)
+        return family.head_loss(mcfg, y, head["norm"], w if shared else jax.lax.stop_gradient(w), batch,
+                                ctx.packed)[0]
+
       for k in range(split.count - 1 if heads else 0):  # head k: its gradients and its cotangent
-        stack = getattr(model.aux_heads, "layers", None)
-
-        def aux_head(head, w, h):
-          y = aux_lib.head_hidden(stack, head, h, positions, segments, prefix)
-          return family.head_loss(mcfg, y, head["norm"], w if shared else jax.lax.stop_gradient(w), batch,
-                                  ctx.packed)[0]
-
         loss_k, pull = jax.vjp(aux_head, aux_lib.tower(params["aux_heads"], k, mcfg.aux_head_layers), w,
                                outputs[k])
         g_tower, g_wk, g_h = pull(one)
@@ -254,11 +270,11 @@ class Interlocking(Method):
         if learners[0] == 0:
           g_emb, = embed_vjp(g)
 
-      grads = dict(params)
+      grads = {}
       grads["layers"] = jax.tree.map(lambda *parts: jnp.concatenate(parts, axis=0), *g_layers)
       grads |= g_emb
       grads["final_norm"] = g_final_norm
-      if mcfg.tied_embeddings:
+      if mcfg.tied_embeddings:  # one matrix: its input use (c_1) and its output uses
         grads["embedding"] = grads["embedding"] + g_w.T
       else:
         grads["head"] = g_w
@@ -290,10 +306,6 @@ class Interlocking(Method):
     if all(s == 1.0 for s in scales):
       return updates
     return _scale_components(updates, self.split(), scales)
-
-def _zeros_like_aux(aux):
-  return jax.tree.map(jnp.zeros_like, aux)
-
 
 def _stack_towers(towers, blocks: int) -> dict:
   out = {"norms": jnp.stack([t["norm"] for t in towers])}

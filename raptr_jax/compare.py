@@ -14,7 +14,8 @@ RHO loss's irreducible-loss store) runs before its first run and is reused after
 * ``results.md`` / ``results.csv``: final train and validation loss per method and budget,
   mean +- std over seeds (like Tables 1-3 of the paper);
 * ``loss_vs_rst_<budget>.png``: training loss (mean over seeds) and validation points against
-  the budget clock per method (like Figure 1).
+  the budget clock per method (like Figure 1); ``loss_vs_steps_<budget>.png`` the same against
+  steps (with the first, interlocking backprop's Figure 7: time-wise and step-wise).
 """
 import argparse
 import csv
@@ -102,36 +103,45 @@ def write_tables(results, workdir: str, unit: str) -> str:
 
 
 def plot_curves(comparison, workdir: str, unit: str) -> list[str]:
+  """Per budget, training loss (mean over seeds) and validation points per method against the
+  budget clock (``loss_vs_<unit>_<budget>.png``) and, when that clock is not steps, against
+  steps too (``loss_vs_steps_<budget>.png``): a method charged less per step (a cheaper step,
+  or interlocking backprop's K-device time) runs more steps in the same budget."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  axes = [("progress_units", unit)] + ([("step", "steps")] if unit != "steps" else [])
   paths = []
   for budget in comparison.budgets:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, method in enumerate(comparison.methods):
-      runs = [read_metrics(run_dir(workdir, budget, method, s)) for s in comparison.seeds]
-      train = [[(r["progress_units"], r["train/loss"]) for r in rows if "train/loss" in r] for rows in runs]
-      n = min(len(t) for t in train)
-      x = np.mean([[p for p, _ in t[:n]] for t in train], axis=0)
-      y = np.mean([[l for _, l in t[:n]] for t in train], axis=0)
-      color = f"C{i}"
-      ax.plot(x, y, color=color, label=f"{method} (train)")
-      evals = [[(r["progress_units"], r["eval/loss"]) for r in rows if "eval/loss" in r] for rows in runs]
-      m = min(len(e) for e in evals)
-      ax.plot(np.mean([[p for p, _ in e[:m]] for e in evals], axis=0),
-              np.mean([[l for _, l in e[:m]] for e in evals], axis=0), "o--", color=color,
-              label=f"{method} (validation)")
-    ax.set_xlabel(unit.replace("_", " "))
-    ax.set_ylabel("loss")
-    ax.set_title(f"budget {budget:g} {unit}, mean over {len(comparison.seeds)} seeds")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    path = os.path.join(workdir, f"loss_vs_{unit.split('_')[0]}_{budget:g}.png")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    paths.append(path)
+    runs = {method: [read_metrics(run_dir(workdir, budget, method, s)) for s in comparison.seeds]
+            for method in comparison.methods}
+    for key, label in axes:
+      fig, ax = plt.subplots(figsize=(7, 4.5))
+      for i, (method, rows_per_seed) in enumerate(runs.items()):
+        color = f"C{i}"
+        x, y = _mean_curve(rows_per_seed, key, "train/loss")
+        ax.plot(x, y, color=color, label=f"{method} (train)")
+        x, y = _mean_curve(rows_per_seed, key, "eval/loss")
+        ax.plot(x, y, "o--", color=color, label=f"{method} (validation)")
+      ax.set_xlabel(label.replace("_", " "))
+      ax.set_ylabel("loss")
+      ax.set_title(f"budget {budget:g} {unit}, mean over {len(comparison.seeds)} seeds")
+      ax.legend(fontsize=8)
+      ax.grid(alpha=0.3)
+      path = os.path.join(workdir, f"loss_vs_{label.split('_')[0]}_{budget:g}.png")
+      fig.tight_layout()
+      fig.savefig(path, dpi=110)
+      plt.close(fig)
+      paths.append(path)
   return paths
+
+
+def _mean_curve(rows_per_seed, x_key: str, y_key: str):
+  """The points of ``y_key`` against ``x_key``, averaged over seeds up to the shortest run."""
+  curves = [[(r[x_key], r[y_key]) for r in rows if y_key in r] for rows in rows_per_seed]
+  n = min(len(c) for c in curves)
+  return (np.mean([[x for x, _ in c[:n]] for c in curves], axis=0),
+          np.mean([[y for _, y in c[:n]] for c in curves], axis=0))
 
 
 def load_comparison(path: str):

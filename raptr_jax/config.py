@@ -27,7 +27,7 @@ def base_config() -> ml_collections.ConfigDict:
                   rst_table="",                # RST calibration table (default rst_table.json)
                   free_hessian=False,          # RST: Sophia's Hessian passes cost nothing
                   free_scoring=False)          # RST: forward-only scoring passes cost nothing
-  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  c.mesh = dict(data=-1, stage=1, fsdp=1, tensor=1)  # stage: pipeline devices (interlocking backprop)
   c.distributed = dict(initialize=False)  # jax.distributed.initialize() for multi-host runs
   c.model = dict(
       family="decoder",                # decoder | bert | t5
@@ -132,6 +132,7 @@ def base_config() -> ml_collections.ConfigDict:
           grad_clip=-1.0,        # each component's own norm clip; -1 = optimizer.grad_clip; 0 = off
           lr_scales=(),          # per component LR multipliers; () = 1
           time_model="devices"))  # RST charge: devices (K-device critical path, Fig. 2) | single
+                                 # (the compiled step as it runs: one device, or mesh.stage = K)
   c.schedule = dict(name="cosine", peak=1e-3, warmup=0.05, final=0.1)
   c.eval = dict(every=0.25, batches=8, at_start=True)  # every: budget fraction; batches: 0 = whole split
   c.checkpoint = dict(every=200, keep=2, async_save=True)  # every: steps; 0 = only at the end
@@ -211,8 +212,15 @@ def validate(cfg) -> None:
       raise ValueError(f"checkpoint.{name} must be >= 0, got {cfg.checkpoint[name]}")
   if cfg.log.every <= 0:
     raise ValueError(f"log.every must be positive, got {cfg.log.every}")
-  from raptr_jax.methods import get_method  # pylint: disable=g-import-not-at-top  (methods import jax)
-  get_method(cfg.method.name, cfg).validate(cfg)
+  from raptr_jax.methods import REGISTRY, get_method  # pylint: disable=g-import-not-at-top  (methods import jax)
+  method = get_method(cfg.method.name, cfg)
+  if int(cfg.mesh.get("stage", 1)) != 1 and not method.pipelines:
+    pipelining = sorted(name for name, cls in REGISTRY.items() if cls.pipelines)
+    raise ValueError(f"mesh.stage={cfg.mesh.stage} places one pipeline stage of the layers per device "
+                     f"group, which only a pipelining method runs ({', '.join(pipelining)}); "
+                     f"method.name={cfg.method.name!r} runs with mesh.stage=1 (use mesh.data / fsdp / "
+                     "tensor for its devices)")
+  method.validate(cfg)
 
 
 def apply_overrides(cfg, overrides=()):

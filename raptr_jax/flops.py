@@ -50,7 +50,8 @@ def cross_attention_forward_flops(cfg, batch: int, q_len: int, kv_len: int) -> f
 
 
 def family_train_flops(family: str, cfg, batch: int, seq_len: int, target_len: int = 0,
-                       num_layers: int | None = None, token_drop: dict | None = None) -> float:
+                       num_layers: int | None = None, token_drop: dict | None = None,
+                       layer_passes: float = 3.0) -> float:
   """Model FLOPs of one training step of a family (``num_layers`` active layers per stack).
 
   decoder: causal layers + head on every position. bert: bidirectional layers + head on the
@@ -58,7 +59,10 @@ def family_train_flops(family: str, cfg, batch: int, seq_len: int, target_len: i
   ``seq_len`` inputs; causal decoder with cross-attention on ``target_len`` targets; head on
   the targets. ``token_drop`` ({stack: (kept tokens per row, layers that keep them)}, stacks
   ``layers`` or t5's ``encoder`` / ``decoder``): random-LTD's layers that see only their kept
-  tokens (a decoder layer's cross-attention then has that many queries over every input)."""
+  tokens (a decoder layer's cross-attention then has that many queries over every input).
+  ``layer_passes``: forward-equivalent passes of the layers per step, 3 (forward, then input and
+  parameter gradients) unless a method's gradient routing runs other backward passes
+  (``Stage.layer_passes``); embedding, heads and loss keep 3."""
   drop = token_drop or {}
 
   def stack(name, length, layers, causal, cross=0):
@@ -73,16 +77,16 @@ def family_train_flops(family: str, cfg, batch: int, seq_len: int, target_len: i
       layer_forward_flops(cfg, batch * seq_len, seq_len, causal) * cfg.aux_head_layers + head(positions))
   if family == "decoder":
     layers = cfg.num_layers if num_layers is None else num_layers
-    return 3.0 * (stack("layers", seq_len, layers, True) + head(seq_len) + aux(True, seq_len))
+    return layer_passes * stack("layers", seq_len, layers, True) + 3.0 * (head(seq_len) + aux(True, seq_len))
   if family == "bert":
     layers = cfg.num_layers if num_layers is None else num_layers
     positions = cfg.max_predictions or seq_len
-    return 3.0 * (stack("layers", seq_len, layers, False) + head(positions) + aux(False, positions))
+    return layer_passes * stack("layers", seq_len, layers, False) + 3.0 * (head(positions) + aux(False, positions))
   if family == "t5":
     t = target_len or max(1, seq_len // 4)
     enc = stack("encoder", seq_len, cfg.num_layers if num_layers is None else num_layers, False)
     dec = stack("decoder", t, cfg.decoder_layers if num_layers is None else num_layers, True, cross=seq_len)
-    return 3.0 * (enc + dec + head(t))
+    return layer_passes * (enc + dec) + 3.0 * head(t)
   raise ValueError(f"no FLOP count for family {family!r}")
 
 
@@ -105,8 +109,8 @@ class StageFlops:
     self.cfg = cfg
     self.batch = batch
     self.lengths = stack_lengths(family, seq_len, target_len)
-    self._of = lambda c, layers=None, drop=None: family_train_flops(
-        family, c, batch, seq_len, target_len, layers, drop)
+    self._of = lambda c, layers=None, drop=None, passes=3.0: family_train_flops(
+        family, c, batch, seq_len, target_len, layers, drop, passes)
     self.full = self._of(cfg)
     # Share of a full step's FLOPs spent in the layers (the rest: embedding, head, loss).
     self.layer_share = 1.0 - self._of(cfg, 0) / self.full
@@ -142,7 +146,7 @@ class StageFlops:
     if stage.shape not in self._static:
       cfg = dataclasses.replace(self.cfg, **stage.model_fields())
       layers = None if stage.layer_fraction is not None else stage.active_layers
-      self._static[stage.shape] = self._of(cfg, layers, stage.token_drop)
+      self._static[stage.shape] = self._of(cfg, layers, stage.token_drop, stage.layer_passes or 3.0)
     if stage.layer_fraction is not None:  # all layers' FLOPs, the layers' share scaled
       return self._static[stage.shape] * (1.0 - self.layer_share * (1.0 - stage.layer_fraction(fraction)))
     return self._static[stage.shape]

@@ -43,6 +43,8 @@ class Stage:
   view: dict | None = None                # model fields of the smaller model this stage runs
   eval_select: Callable | None = None     # progress -> Selection | None for evaluation
   token_drop: dict | None = None          # {stack: (kept tokens per row, layers keeping them)}
+  layer_passes: float | None = None       # forward-equivalent passes of a layer per step (None: 3,
+                                          # forward + backward; interlocking's routing differs)
 
   def model_fields(self) -> dict:
     """Model fields a step of this stage effectively has (for FLOPs and metrics)."""

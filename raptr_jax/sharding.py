@@ -1,8 +1,13 @@
-"""Device mesh and logical-axis sharding rules (data, fsdp, tensor).
+"""Device mesh and logical-axis sharding rules (data, stage, fsdp, tensor).
 
 Parameters carry logical axis names (``logical_axes`` metadata, e.g. ('layers', 'embed', 'mlp'));
 ``RULES`` maps each name to mesh axes. A dimension that a mesh axis does not divide is
 replicated instead of failing, so tiny test models shard on any mesh.
+
+``stage`` is the pipeline axis: the stacked layers split over it, contiguous blocks of layers
+per device (a method that pipelines places one component per stage device, interlocking
+backprop; every other method runs with ``mesh.stage=1``, where it changes nothing). Auxiliary
+heads stack on their own axis (``aux_layers``), replicated over stages.
 """
 from collections.abc import Mapping
 
@@ -11,7 +16,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "stage", "fsdp", "tensor")
+PIPELINE_AXIS = "stage"
 BATCH_AXES = ("data", "fsdp")
 RULES = {
     "batch": BATCH_AXES,
@@ -20,16 +26,18 @@ RULES = {
     "heads": "tensor",
     "mlp": "tensor",
     "head_dim": None,
-    "layers": None,
+    "layers": "stage",
+    "aux_layers": None,
     "norm": None,
     "length": None,
     "relpos_buckets": None,
 }
 
 
-def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
-  """Resolves sizes (-1 = the remaining devices) and checks they cover every device."""
-  sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int, int]:
+  """Resolves sizes (-1 = the remaining devices) and checks they cover every device (an axis
+  ``mesh_cfg`` leaves out has size 1)."""
+  sizes = [int(mesh_cfg.get(a, 1)) for a in MESH_AXES]
   if any(s == 0 or s < -1 for s in sizes):
     raise ValueError(f"mesh sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}")
   if sizes.count(-1) > 1:
@@ -42,7 +50,7 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
     sizes[sizes.index(-1)] = num_devices // known
   if int(np.prod(sizes)) != num_devices:
     raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} has {int(np.prod(sizes))} devices but "
-                     f"{num_devices} are available; set mesh.data/fsdp/tensor so their product is "
+                     f"{num_devices} are available; set mesh.data/stage/fsdp/tensor so their product is "
                      f"{num_devices}, or one of them to -1")
   return tuple(sizes)
 
@@ -62,7 +70,7 @@ def spec_for(axes, shape, mesh: Mesh, rules=RULES) -> P:
       out.append(None)
       continue
     names = (target,) if isinstance(target, str) else tuple(target)
-    names = tuple(n for n in names if mesh.shape[n] > 1 and n not in used)
+    names = tuple(n for n in names if mesh.shape.get(n, 1) > 1 and n not in used)
     size = int(np.prod([mesh.shape[n] for n in names])) if names else 1
     if not names or dim % size:
       out.append(None)

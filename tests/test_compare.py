@@ -39,6 +39,7 @@ def test_comparison_writes_tables_and_plots_and_resumes(comparison_file, tmp_pat
     assert float(r["val_std"]) == pytest.approx(val.std(ddof=1))
   assert "| 0.3 | stacking | 2 |" in open(os.path.join(workdir, "results.md")).read()
   assert os.path.getsize(os.path.join(workdir, "loss_vs_rst_0.3.png")) > 10_000
+  assert os.path.getsize(os.path.join(workdir, "loss_vs_steps_0.3.png")) > 10_000  # step-wise too
   capsys.readouterr()
   compare.main([f"--config={comparison_file}", f"--workdir={workdir}"])  # everything is done already
   assert capsys.readouterr().out.count("already complete") == 4

@@ -1,6 +1,10 @@
 """Interlocking backprop: routed gradients against an explicit reference, the end-to-end and
 evaluation equivalences, per-component clipping and LR, config errors."""
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,11 +16,11 @@ from raptr_jax import config as config_lib
 from raptr_jax import run as run_lib
 from raptr_jax import train as train_lib
 from raptr_jax.data import pipeline
-from raptr_jax.methods import interlocking
+from raptr_jax.methods import interlocking, interlocking_pipeline
 from raptr_jax.metrics import read_metrics
 from raptr_jax.models import aux_heads as aux_lib
 from raptr_jax.models import embeddings, get_family
-from conftest import load_config, quiet
+from conftest import ROOT, load_config, quiet
 
 
 def _config(family="decoder", K=4, n=2, sizes=(), **options):
@@ -286,6 +290,81 @@ def test_bad_options_are_config_errors(overrides, match):
     config_lib.validate(cfg)
 
 
+@pytest.mark.parametrize("method,stage,options,match", [
+    ("interlocking", 2, {}, "mesh.stage=2 must equal method.interlocking.components=4"),
+    ("interlocking", 3, dict(components=3, sizes=(2, 1, 1)), r"sizes=\(2, 1, 1\): a pipelined run"),
+    ("baseline", 4, {}, r"mesh.stage=4 .* only a pipelining method runs \(interlocking\); method.name='baseline'"),
+])
+def test_bad_pipeline_meshes_are_config_errors(method, stage, options, match):
+  cfg = _config(K=4, n=2)
+  cfg.method.name = method
+  cfg.method.interlocking.update(**options)
+  cfg.mesh.update(data=1, stage=stage)
+  with pytest.raises(ValueError, match=match):
+    config_lib.validate(cfg)
+
+
+def test_pipeline_routing_tables_follow_the_split():
+  """Device j holds loss j + s at backward tick s: it learns at exactly one tick, the one of its
+  target loss, and a loss travels down the pipe, one device per tick, to the components it
+  trains and no further."""
+  for K in (3, 4, 5):
+    for n in range(1, K + 1):
+      split = interlocking.Split((1,) * K, n)
+      learn, send = interlocking_pipeline.routing_tables(split)
+      assert learn.shape == send.shape == (K, n)
+      for j in range(K):
+        assert [s for s in range(n) if learn[j, s]] == [split.target(j) - j], (K, n, j)
+        for s in range(n):
+          t = j + s
+          if t >= K:
+            assert not send[j, s]
+            continue
+          # Sent down: the loss trains a component below j; and j - 1 then learns it or sends it on.
+          assert send[j, s] == any(k < j for k in split.learners(t)), (K, n, j, s)
+          if send[j, s]:
+            assert s + 1 < n and (learn[j - 1, s + 1] or send[j - 1, s + 1])
+      # End-to-end: the final loss reaches component 1 after K ticks; local: nothing is sent.
+      if n == K:
+        assert learn[0, K - 1] and send[1:, :].any()
+      if n == 1:
+        assert not send.any()
+
+
+def _pipeline_check(devices: int, modes) -> list[dict]:
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "interlocking_pipeline_check.py"),
+                        json.dumps(modes)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.parametrize("devices,modes", [
+    (4, [dict(family="decoder", components=4, n=2),
+         dict(family="decoder", components=4, n=4, aux_heads=False)]),
+    (8, [dict(family="decoder", components=4, n=1, layers=8),                    # stage 4 x data 2
+         dict(family="bert", components=4, n=3, aux_head_layers=0, aux_output="detached"),
+         dict(family="decoder", components=8, n=2, layers=8)]),                  # stage 8
+], ids=["4_devices", "8_devices"])
+def test_pipelined_step_equals_the_single_device_step(devices, modes):
+  """One train step pipelined over mesh.stage = K (components on their own devices, data
+  parallel over the rest) against the same step on one device: the routed gradients, every
+  metric and the parameter updates (per-component clipping and Adam included) agree."""
+  results = _pipeline_check(devices, modes)
+  assert len(results) == len(modes)
+  for result, mode in zip(results, modes):
+    K = mode["components"]
+    assert result["mesh"]["stage"] == K and result["mesh"]["data"] == devices // K
+    assert result["layer_spec"].startswith("P('stage'"), result  # each device holds its component only
+    assert result["grads"] < 1e-5, result
+    # Adam's first update divides by |g| + eps (eps = 1e-2 in the check), so it carries the
+    # gradients' float differences times about max|g| / eps; a misrouted or misplaced update is O(1).
+    assert result["updates"] < 1e-3, result
+    assert max(result["metrics"].values()) < 1e-5, result
+    if mode.get("aux_heads", True):
+      assert f"interlocking/aux_loss_{K - 1}" in result["metrics"]
+
+
 def test_families_optimizers_and_compositions_it_cannot_run_are_refused():
   cfg = quiet(load_config("t5", "tiny"))
   cfg.method.name = "interlocking"
@@ -310,6 +389,26 @@ def test_flops_count_the_auxiliary_heads():
   tokens = 8 * 64
   assert extra == pytest.approx(3.0 * 3 * (2 * flops.layer_forward_flops(base, tokens, 64) +
                                           2 * base.d_model * base.vocab_size * tokens))
+
+
+def test_flops_count_the_backward_passes_the_routing_runs():
+  """Per component (K = 4, one layer each), forward + parameter-gradient passes + input-gradient
+  passes, counted by hand from the routing: local skips the input gradients (c_1 keeps its, for
+  the embeddings); 2-wise's pass-throughs replace them; 3-wise runs one more (c_3 learns from L_4
+  and passes L_3 to c_1, also sending L_4 on to c_2)."""
+  by_hand = {1: [3, 2, 2, 2], 2: [3, 3, 3, 3], 3: [3, 3, 4, 3], 4: [3, 3, 3, 3]}
+  for n, passes in by_hand.items():
+    assert interlocking.layer_passes(interlocking.Split((1,) * 4, n)) == pytest.approx(sum(passes) / 4), n
+  assert interlocking.layer_passes(interlocking.Split((2, 1, 1), 1)) == pytest.approx((2 * 3 + 2 + 2) / 4)
+  # The stage carries it into the run's FLOPs: only the layers' share changes.
+  from raptr_jax import flops  # pylint: disable=g-import-not-at-top
+  run = run_lib.setup(_config(K=4, n=3))
+  stage = run.plan.stages[0]
+  assert stage.layer_passes == pytest.approx(3.25)
+  mcfg = run.model_cfg
+  b, t = run.cfg.data.batch_size, run.cfg.data.seq_len
+  layers = flops.layer_forward_flops(mcfg, b * t, t) * mcfg.num_layers
+  assert run.stage_flops(stage, 0.5) == pytest.approx(flops.family_train_flops("decoder", mcfg, b, t) + 0.25 * layers)
 
 
 def test_time_model_is_the_papers_figure_2_in_units_and_follows_the_slowest_path():

@@ -12,8 +12,9 @@ from conftest import ROOT
 
 
 def test_mesh_shape_fills_and_rejects():
-  assert shd.mesh_shape({"data": -1, "fsdp": 2, "tensor": 2}, 8) == (2, 2, 2)
-  assert shd.mesh_shape({"data": 8, "fsdp": 1, "tensor": 1}, 8) == (8, 1, 1)
+  assert shd.mesh_shape({"data": -1, "fsdp": 2, "tensor": 2}, 8) == (2, 1, 2, 2)
+  assert shd.mesh_shape({"data": 8, "fsdp": 1, "tensor": 1}, 8) == (8, 1, 1, 1)
+  assert shd.mesh_shape({"data": -1, "stage": 4, "fsdp": 1, "tensor": 1}, 8) == (2, 4, 1, 1)
   with pytest.raises(ValueError, match="product"):
     shd.mesh_shape({"data": 3, "fsdp": 1, "tensor": 1}, 8)
   with pytest.raises(ValueError, match="at most one"):
@@ -23,15 +24,20 @@ def test_mesh_shape_fills_and_rejects():
 
 
 class FakeMesh:
-  shape = {"data": 2, "fsdp": 2, "tensor": 2}
+  def __init__(self, **shape):
+    self.shape = shape
 
 
 def test_logical_rules_and_undivisible_dims():
-  m = FakeMesh()
+  m = FakeMesh(data=2, fsdp=2, tensor=2)
   assert shd.spec_for(("layers", "embed", "mlp"), (4, 64, 256), m) == P(None, "fsdp", "tensor")
   assert shd.spec_for(("vocab", "embed"), (8192, 64), m) == P("tensor", "fsdp")
   assert shd.spec_for(("layers", "embed", "mlp"), (4, 63, 256), m) == P(None, None, "tensor")
   assert shd.spec_for(("batch", "length"), (8, 16), m) == P(("data", "fsdp"), None)
+  # The pipeline axis splits the main stack's layers, never the auxiliary heads' stack.
+  piped = FakeMesh(data=2, stage=4, fsdp=1, tensor=1)
+  assert shd.spec_for(("layers", "embed", "mlp"), (8, 64, 256), piped) == P("stage", None, None)
+  assert shd.spec_for(("aux_layers", "embed", "mlp"), (8, 64, 256), piped) == P(None, None, None)
 
 
 def _run_tiny(workdir, devices, mesh, steps=6, extra=(), config="ul2"):

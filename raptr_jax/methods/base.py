@@ -26,6 +26,8 @@ default, so a method overrides only what it changes:
   ``aux["method_metrics"]`` (optional) is logged with every logged step.
 * ``modelled_step(run, stage, state, batch, steps, warmup)``: RST calibration of a step whose
   reference time is modelled rather than measured (interlocking backprop on K devices).
+* ``pipelines``: True when the method runs over the mesh's ``stage`` axis (``mesh.stage > 1``,
+  one component per stage device, interlocking backprop); every other method is refused there.
 * ``model_fields(cfg)``: fields of the ``ModelConfig`` the method needs set (interlocking's
   auxiliary heads); ``optimizer_config(opt_cfg)``: the optimizer section the run builds its
   optimizer from (interlocking moves gradient clipping into its components).
@@ -62,6 +64,7 @@ class Method:
   name: str = "baseline"
   composes_with: tuple[str, ...] = ()
   prepare: tuple[str, ...] = ()            # "module:function(cfg)" run once before training
+  pipelines: bool = False                  # runs over the mesh's stage axis when mesh.stage > 1
 
   def __init__(self, cfg=None):
     self.cfg = cfg

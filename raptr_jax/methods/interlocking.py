@@ -51,10 +51,18 @@ both its local loss, and the loss of the second") can be read as component k als
 its own loss in n-wise modes; we follow Section 3's rule as stated (gradients from
 L_{c_{k+(N-1)}} only), so an n-wise component never sees its own head's loss.
 
+Pipelined: with ``mesh.stage = K`` (equal components) component k lives on device k of the
+mesh's stage axis and the step runs as a pipeline (``interlocking_pipeline``: one
+``shard_map`` over that axis, activations and cotangents passed between neighbours by
+``ppermute``; a component waits only for the n losses the mode routes through it); the
+gradients are the same as on one device, and the optimizer updates each component where it
+lives. Data, FSDP and tensor parallelism stay available on the other mesh axes.
+
 Time: on an RST budget a step is charged what it would take with one component per device
 (``time_model="devices"``, the paper's fixed-time perspective): ``interlocking_time`` models the
 critical path of each mode (Figure 2) from per-component times measured at calibration;
-``"single"`` charges this device's time of the whole step.
+``"single"`` charges the compiled step as it runs (on one device, or pipelined over
+``mesh.stage = K`` devices).
 
 Families: the decoder (UL2, GPT) and BERT. T5 has two stacks joined by cross-attention (every
 decoder layer reads the encoder output), so contiguous components of one stack do not describe
@@ -66,14 +74,17 @@ Options (``method.interlocking``): ``components`` (K, 4 as the paper's Figure 6 
 ``time_model`` (devices).
 """
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 
+from raptr_jax.methods import interlocking_pipeline
 from raptr_jax.methods.base import Method
 from raptr_jax.models import aux_heads as aux_lib
 from raptr_jax.models import embeddings, get_family
 from raptr_jax.plan import Stage
+from raptr_jax.sharding import PIPELINE_AXIS
 
 AUX_OUTPUTS = ("shared", "detached")
 TIME_MODELS = ("devices", "single")
@@ -131,6 +142,23 @@ def split_of(c, num_layers: int) -> Split:
   return Split(sizes, n)
 
 
+def layer_passes(split: Split) -> float:
+  """Forward-equivalent passes of a layer per step under the routing (for FLOPs): its
+  component's forward; for each loss that reaches the component, a parameter-gradient pass if it
+  learns from the loss and an input-gradient pass if the loss goes on to an earlier component
+  (or, at c_1, to the embeddings). The baseline's 3 end-to-end; local learning skips the input
+  gradients (2 but c_1's 3); n-wise adds the pass-throughs (K = 4: 3 pairwise, 3.25 3-wise)."""
+  total = 0
+  for j, size in enumerate(split.sizes):
+    passes = 1
+    for t in range(j, split.count):
+      learners = split.learners(t)
+      if learners and learners[0] <= j:
+        passes += (j in learners) + (learners[0] < j or j == 0)
+    total += size * passes
+  return total / sum(split.sizes)
+
+
 def _uneven(num_layers: int, K: int) -> tuple[int, ...]:
   return tuple(num_layers // K + (1 if k < num_layers % K else 0) for k in range(K))
 
@@ -149,6 +177,7 @@ def per_component(values, K: int, key: str, default: float) -> tuple[float, ...]
 
 class Interlocking(Method):
   name = "interlocking"
+  pipelines = True
 
   @property
   def section(self):
@@ -174,6 +203,14 @@ class Interlocking(Method):
     if c.grad_clip < 0 and c.grad_clip != -1.0:
       raise ValueError(f"method.interlocking.grad_clip={c.grad_clip}: each component's gradient-norm clip; "
                        "0 = off, -1 = optimizer.grad_clip")
+    stages = int(cfg.mesh.get("stage", 1))
+    if stages != 1 and stages != split.count:
+      raise ValueError(f"mesh.stage={stages} must equal method.interlocking.components={split.count} (one "
+                       f"component per stage device: mesh.stage={split.count}), or be 1 (unpipelined)")
+    if stages != 1 and len(set(split.sizes)) != 1:
+      raise ValueError(f"method.interlocking.sizes={split.sizes}: a pipelined run (mesh.stage={stages}) splits "
+                       "the stacked layers equally over the stage devices; use sizes=() with components "
+                       "dividing model.num_layers, or mesh.stage=1")
     if c.time_model not in TIME_MODELS:
       raise ValueError(f"method.interlocking.time_model must be one of {TIME_MODELS}, got {c.time_model!r}")
     if cfg.optimizer.name in ("sophia_g", "sophia_h"):
@@ -185,7 +222,8 @@ class Interlocking(Method):
     (a modelled K-device time) differ from the baseline's and between modes."""
     split, c = split_of(cfg.method.interlocking, int(model_cfg.num_layers)), cfg.method.interlocking
     return (Stage("full", 1.0, shape=("interlocking", split.sizes, split.n, bool(c.aux_heads),
-                                      int(c.aux_head_layers), str(c.aux_output), str(c.time_model))),)
+                                      int(c.aux_head_layers), str(c.aux_output), str(c.time_model)),
+                  layer_passes=layer_passes(split)),)
 
   def model_fields(self, cfg) -> dict:
     c = cfg.method.interlocking
@@ -209,82 +247,64 @@ class Interlocking(Method):
 
   def value_and_grad(self, ctx, model_of):
     """``(params, batch, selection) -> ((L_K, aux), routed gradients)``, aux carrying the
-    ``interlocking/*`` metrics; ``selection`` must be None (the method runs the full model)."""
+    ``interlocking/*`` metrics; ``selection`` must be None (the method runs the full model).
+    On a mesh with ``stage = K`` the components run pipelined, one per stage device
+    (``interlocking_pipeline``); elsewhere on the devices the step runs on."""
     split, family, mcfg = self.split(), get_family(self.cfg.model.family), ctx.model_cfg
     shared = self.section.aux_output == "shared"
     heads = bool(self.section.aux_heads)
+    blocks = mcfg.aux_head_layers
     clip = self.clip_norm()
+    pipelined = ctx.mesh.shape.get(PIPELINE_AXIS, 1) > 1
 
     def value_and_grad(params, batch, selection=None):
       if selection is not None:
         raise ValueError("interlocking backprop runs the full model; it takes no selection")
       model = model_of(params)
-      positions, segments, prefix = family.layer_inputs(batch, ctx.packed)
-      run = lambda theta, h: model.layers.run_layers(theta, h, positions, segments, prefix)
-      emb = {k: params[k] for k in embeddings.EMBEDDING_PARAMS if k in params}
-      h, embed_vjp = jax.vjp(lambda e: embeddings.embed_tokens(mcfg, e, batch["inputs"], positions), emb)
-      outputs, component_vjps = [], []
-      for a, b in split.bounds:
-        h, pull = jax.vjp(run, jax.tree.map(lambda p: p[a:b], params["layers"]), h)
-        outputs.append(h)
-        component_vjps.append(pull)
-      w = embeddings.output_matrix(params, mcfg)
-
-      def final_head(norm, w, h):
-        return family.head_loss(mcfg, h, norm, w, batch, ctx.packed)
-
-      one = jnp.ones((), jnp.float32)
-      losses, cotangents, g_towers, g_w = [], [], [], jnp.zeros_like(w)
       stack = getattr(model.aux_heads, "layers", None) if heads else None
 
-      def aux_head(head, w, h):
-        y = aux_lib.head_hidden(stack, head, h, positions, segments, prefix)
-        return family.head_loss(mcfg, y, head["norm"], w if shared else jax.lax.stop_gradient(w), batch,
-                                ctx.packed)[0]
+      def functions(batch):
+        positions, segments, prefix = family.layer_inputs(batch, ctx.packed)
 
-      for k in range(split.count - 1 if heads else 0):  # head k: its gradients and its cotangent
-        loss_k, pull = jax.vjp(aux_head, aux_lib.tower(params["aux_heads"], k, mcfg.aux_head_layers), w,
-                               outputs[k])
-        g_tower, g_wk, g_h = pull(one)
-        losses.append(loss_k)
-        g_towers.append(g_tower)
-        g_w = g_w + g_wk
-        cotangents.append(g_h)
-      loss, pull, aux = jax.vjp(final_head, params["final_norm"], w, outputs[-1], has_aux=True)
-      g_final_norm, g_wk, g_h = pull(one)
-      g_w = g_w + g_wk
-      cotangents = (cotangents if heads else [None] * (split.count - 1)) + [g_h]
+        def run(theta, h):
+          return model.layers.run_layers(theta, h, positions, segments, prefix)
 
-      # Each loss pulled back to the components that learn from it (parameter gradients), through
-      # the components in between (input gradients only).
-      g_layers, g_emb = [None] * split.count, None
-      for t in range(split.count):
-        learners = split.learners(t)
-        if not learners:
-          continue
-        g = cotangents[t]
-        for j in range(t, learners[0] - 1, -1):
-          g_theta, g = component_vjps[j](g)
-          if j in learners:
-            g_layers[j] = g_theta
-        if learners[0] == 0:
-          g_emb, = embed_vjp(g)
+        def final_head(norm, w, h):
+          return family.head_loss(mcfg, h, norm, w, batch, ctx.packed)
 
-      grads = {}
-      grads["layers"] = jax.tree.map(lambda *parts: jnp.concatenate(parts, axis=0), *g_layers)
-      grads |= g_emb
+        def aux_head(head, w, h):
+          y = aux_lib.head_hidden(stack, head, h, positions, segments, prefix)
+          return family.head_loss(mcfg, y, head["norm"], w if shared else jax.lax.stop_gradient(w), batch,
+                                  ctx.packed)
+
+        return run, final_head, aux_head
+
+      positions = family.layer_inputs(batch, ctx.packed)[0]
+      emb = {k: params[k] for k in embeddings.EMBEDDING_PARAMS if k in params}
+      x, embed_vjp = jax.vjp(lambda e: embeddings.embed_tokens(mcfg, e, batch["inputs"], positions), emb)
+      rest = {"final_norm": params["final_norm"], "w": embeddings.output_matrix(params, mcfg)}
+      if heads:
+        rest["aux_heads"] = params["aux_heads"]
+      if pipelined:
+        route = interlocking_pipeline.routed_gradients(split, ctx.mesh, functions, heads=heads, blocks=blocks)
+      else:
+        route = functools.partial(_routed_on_one_device, split, functions, heads=heads, blocks=blocks)
+      loss, aux, losses, g_layers, g_x, g_final_norm, g_w, g_heads = route(params["layers"], rest, x, batch)
+
+      grads, = embed_vjp(g_x)
+      grads["layers"] = g_layers
       grads["final_norm"] = g_final_norm
       if mcfg.tied_embeddings:  # one matrix: its input use (c_1) and its output uses
         grads["embedding"] = grads["embedding"] + g_w.T
       else:
         grads["head"] = g_w
       if heads:
-        grads["aux_heads"] = _stack_towers(g_towers, mcfg.aux_head_layers)
+        grads["aux_heads"] = g_heads
       if jax.tree.structure(grads) != jax.tree.structure(params):
         raise ValueError(f"interlocking backprop routed gradients to {sorted(grads)}, the model has "
                          f"{sorted(params)}: a parameter is missing from its routing table")
       grads, norms = _clip_per_component(grads, split, clip)
-      metrics = {f"interlocking/aux_loss_{k + 1}": l for k, l in enumerate(losses)}
+      metrics = {f"interlocking/aux_loss_{k + 1}": losses[k] for k in range(split.count - 1)} if heads else {}
       metrics |= {f"interlocking/grad_norm_{k + 1}": norms[k] for k in range(split.count)}
       return (loss, aux | {"method_metrics": metrics}), grads
 
@@ -306,6 +326,50 @@ class Interlocking(Method):
     if all(s == 1.0 for s in scales):
       return updates
     return _scale_components(updates, self.split(), scales)
+
+def _routed_on_one_device(split: Split, functions, layers, rest, x, batch, *, heads: bool, blocks: int):
+  """Every component, head and routed pull-back on this device, in order: the same outputs as
+  ``interlocking_pipeline.routed_gradients`` (``(loss, aux, losses, g_layers, g_x, g_final_norm,
+  g_w, g_heads)``)."""
+  run, final_head, aux_head = functions(batch)
+  one = jnp.ones((), jnp.float32)
+  outputs, component_vjps, h = [], [], x
+  for a, b in split.bounds:
+    h, pull = jax.vjp(run, jax.tree.map(lambda p: p[a:b], layers), h)
+    outputs.append(h)
+    component_vjps.append(pull)
+  w = rest["w"]
+  losses, cotangents, g_towers, g_w = [], [], [], jnp.zeros_like(w)
+  for k in range(split.count - 1 if heads else 0):  # head k: its gradients and its cotangent
+    loss_k, pull, _ = jax.vjp(aux_head, aux_lib.tower(rest["aux_heads"], k, blocks), w, outputs[k], has_aux=True)
+    g_tower, g_wk, g_h = pull(one)
+    losses.append(loss_k)
+    g_towers.append(g_tower)
+    g_w = g_w + g_wk
+    cotangents.append(g_h)
+  loss, pull, aux = jax.vjp(final_head, rest["final_norm"], w, outputs[-1], has_aux=True)
+  g_final_norm, g_wk, g_h = pull(one)
+  g_w = g_w + g_wk
+  cotangents = (cotangents if heads else [None] * (split.count - 1)) + [g_h]
+
+  # Each loss pulled back to the components that learn from it (parameter gradients), through
+  # the components in between (input gradients only).
+  g_layers, g_x = [None] * split.count, None
+  for t in range(split.count):
+    learners = split.learners(t)
+    if not learners:
+      continue
+    g = cotangents[t]
+    for j in range(t, learners[0] - 1, -1):
+      g_theta, g = component_vjps[j](g)
+      if j in learners:
+        g_layers[j] = g_theta
+    if learners[0] == 0:
+      g_x = g
+  g_layers = jax.tree.map(lambda *parts: jnp.concatenate(parts, axis=0), *g_layers)
+  g_heads = _stack_towers(g_towers, blocks) if heads else None
+  return loss, aux, jnp.stack(losses + [loss]), g_layers, g_x, g_final_norm, g_w, g_heads
+
 
 def _stack_towers(towers, blocks: int) -> dict:
   out = {"norms": jnp.stack([t["norm"] for t in towers])}

@@ -9,6 +9,7 @@ the norm and the projection only (the paper's linear head of its convolutional e
 Evaluation, generation and every other method ignore them: they exist when a method asks for
 them (``Method.model_fields``).
 """
+import jax
 from flax import nnx
 
 from raptr_jax.models.config import ModelConfig
@@ -21,16 +22,17 @@ class AuxHeads(nnx.Module):
     self.count, self.blocks = cfg.aux_heads, cfg.aux_head_layers
     if self.blocks:
       self.layers = StackedLayers(cfg, rngs=rngs, causal=causal, num_layers=self.count * self.blocks,
-                                  init_depth=self.blocks)
-    self.norms = logical_param(rngs.params(), (self.count, cfg.d_model), ("layers", "norm"), 0.0,
+                                  init_depth=self.blocks, layer_axis="aux_layers")
+    self.norms = logical_param(rngs.params(), (self.count, cfg.d_model), ("aux_layers", "norm"), 0.0,
                                cfg.params_dtype)
 
 
-def tower(params: dict, k: int, blocks: int) -> dict:
-  """Head k's parameters from the ``aux_heads`` pure dict: its blocks' slice and its norm."""
+def tower(params: dict, k, blocks: int) -> dict:
+  """Head k's parameters from the ``aux_heads`` pure dict: its blocks' slice and its norm (``k``
+  an int, or traced: a pipeline stage's own head)."""
   out = {"norm": params["norms"][k]}
   if blocks:
-    out["layers"] = {n: p[k * blocks:(k + 1) * blocks] for n, p in params["layers"].items()}
+    out["layers"] = {n: jax.lax.dynamic_slice_in_dim(p, k * blocks, blocks) for n, p in params["layers"].items()}
   return out
 
 

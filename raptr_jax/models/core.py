@@ -28,24 +28,28 @@ class StackedLayers(nnx.Module):
   """L transformer blocks; parameters have shape [L, ...]."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, causal: bool = True,
-               cross_attention: bool = False, num_layers: int | None = None, init_depth: int | None = None):
+               cross_attention: bool = False, num_layers: int | None = None, init_depth: int | None = None,
+               layer_axis: str = "layers"):
     """``init_depth``: the depth the output projections' init std is scaled for (GPT-2's
-    1 / sqrt(2 depth)); default the stack's own (auxiliary heads stack several short towers)."""
+    1 / sqrt(2 depth)); default the stack's own (auxiliary heads stack several short towers).
+    ``layer_axis``: the logical name of the stacking axis (``sharding.RULES``; the main stack's
+    ``layers`` split over pipeline stages, auxiliary heads' ``aux_layers`` do not)."""
     self.cfg = cfg
     self.causal = causal
     self.num_layers = L = num_layers or cfg.num_layers
     d, n, h, f = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.mlp_dim
     std, out_std = cfg.init_std, cfg.init_std / (2 * (init_depth or L)) ** 0.5
-    qkv = ((L, d, n, h), ("layers", "embed", "heads", "head_dim"), std)
-    out = ((L, n, h, d), ("layers", "heads", "head_dim", "embed"), out_std)
-    norm = ((L, d), ("layers", "norm"), 0.0)
+    ax = layer_axis
+    qkv = ((L, d, n, h), (ax, "embed", "heads", "head_dim"), std)
+    out = ((L, n, h, d), (ax, "heads", "head_dim", "embed"), out_std)
+    norm = ((L, d), (ax, "norm"), 0.0)
     specs = {"attn_norm": norm, "q": qkv, "k": qkv, "v": qkv, "o": out}
     if cross_attention:
       specs |= {"cross_norm": norm, "cross_q": qkv, "cross_k": qkv, "cross_v": qkv, "cross_o": out}
-    specs |= {"mlp_norm": norm, "wi": ((L, d, f), ("layers", "embed", "mlp"), std),
-              "wo": ((L, f, d), ("layers", "mlp", "embed"), out_std)}
+    specs |= {"mlp_norm": norm, "wi": ((L, d, f), (ax, "embed", "mlp"), std),
+              "wo": ((L, f, d), (ax, "mlp", "embed"), out_std)}
     if cfg.gated_mlp:
-      specs["wg"] = ((L, d, f), ("layers", "embed", "mlp"), std)
+      specs["wg"] = ((L, d, f), (ax, "embed", "mlp"), std)
     self.param_names = tuple(specs)
     self.record_outputs = False  # diagnostics: sow every layer's output (nnx.Intermediate)
     for name, (shape, axes, s) in specs.items():

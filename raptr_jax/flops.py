@@ -62,7 +62,8 @@ def family_train_flops(family: str, cfg, batch: int, seq_len: int, target_len: i
   tokens (a decoder layer's cross-attention then has that many queries over every input).
   ``layer_passes``: forward-equivalent passes of the layers per step, 3 (forward, then input and
   parameter gradients) unless a method's gradient routing runs other backward passes
-  (``Stage.layer_passes``); embedding, heads and loss keep 3."""
+  (``Stage.layer_passes``); embedding, heads and loss keep 3 (interlocking's probe heads, whose
+  losses train no component, need no input gradient: 2 would be exact, one head forward less)."""
   drop = token_drop or {}
 
   def stack(name, length, layers, causal, cross=0):

@@ -23,8 +23,14 @@ from raptr_jax import sharding as shd  # pylint: disable=wrong-import-position
 from raptr_jax.data import pipeline  # pylint: disable=wrong-import-position
 
 
+MESH_KEYS = ("fsdp", "tensor")
+CONFIGS = {"decoder": ("ul2", "tiny"), "bert": ("bert", "tiny"), "gpt": ("gpt", "tiny_interlocking")}
+
+
 def _config(mode: dict, stage: int):
-  cfg = quiet(load_config("bert" if mode["family"] == "bert" else "ul2", "tiny"))
+  """``mode``: family (decoder: UL2, untied; gpt: tied, learned positions; bert), layers, mesh
+  fsdp / tensor sizes of the pipelined run, and ``method.interlocking`` options."""
+  cfg = quiet(load_config(*CONFIGS[mode["family"]]))
   cfg.model.update(num_layers=mode.get("layers", 4), dtype="float32")
   # Adam's first step is g / (|g| + eps): with eps = 1e-8 it is sign(g) and turns float noise in
   # near-zero gradient entries into whole updates (an update's error is about the gradient's
@@ -32,10 +38,13 @@ def _config(mode: dict, stage: int):
   # the comparison measures the routing, not that conditioning.
   cfg.optimizer.eps = 1e-2
   cfg.method.name = "interlocking"
-  options = {k: v for k, v in mode.items() if k not in ("family", "layers")}
+  options = {k: v for k, v in mode.items() if k not in ("family", "layers") + MESH_KEYS}
   cfg.method.interlocking.update(**options)
-  devices = jax.device_count() if stage > 1 else 1
-  cfg.mesh.update(data=devices // stage, stage=stage)
+  if stage == 1:
+    cfg.mesh.update(data=1, stage=1, fsdp=1, tensor=1)
+  else:
+    other = {k: mode.get(k, 1) for k in MESH_KEYS}
+    cfg.mesh.update(data=jax.device_count() // (stage * other["fsdp"] * other["tensor"]), stage=stage, **other)
   return cfg
 
 
@@ -78,7 +87,8 @@ def check(mode: dict) -> dict:
                             for p, q in zip(jax.tree.leaves(params), before)]
   return {"mode": mode, "updates": max(_relative(a, b) for a, b in zip(updates(p2), updates(p1))),
           "grads": max(_relative(a, b) for a, b in zip(jax.tree.leaves(g2), jax.tree.leaves(g1))),
-          "metrics": {k: _relative(m2[k], m1[k]) for k in m1},
+          "metrics": {k: _relative(m2[k], m1[k]) for k in m1 if k in m2},
+          "unmatched_metrics": sorted(set(m1) ^ set(m2)),
           "layer_spec": str(jax.tree.leaves(sharded, is_leaf=lambda x: hasattr(x, "spec"))[0].spec),
           "mesh": dict(piped.mesh.shape)}
 

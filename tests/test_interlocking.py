@@ -341,9 +341,11 @@ def _pipeline_check(devices: int, modes) -> list[dict]:
 
 @pytest.mark.parametrize("devices,modes", [
     (4, [dict(family="decoder", components=4, n=2),
-         dict(family="decoder", components=4, n=4, aux_heads=False)]),
+         dict(family="decoder", components=4, n=4, aux_heads=False),            # no heads
+         dict(family="gpt", components=4, n=4)]),                               # heads as probes, tied + shared
     (8, [dict(family="decoder", components=4, n=1, layers=8),                    # stage 4 x data 2
          dict(family="bert", components=4, n=3, aux_head_layers=0, aux_output="detached"),
+         dict(family="gpt", components=2, n=2),                                  # stage 2 x data 4
          dict(family="decoder", components=8, n=2, layers=8)]),                  # stage 8
 ], ids=["4_devices", "8_devices"])
 def test_pipelined_step_equals_the_single_device_step(devices, modes):
@@ -354,15 +356,19 @@ def test_pipelined_step_equals_the_single_device_step(devices, modes):
   assert len(results) == len(modes)
   for result, mode in zip(results, modes):
     K = mode["components"]
-    assert result["mesh"]["stage"] == K and result["mesh"]["data"] == devices // K
+    others = mode.get("fsdp", 1) * mode.get("tensor", 1)
+    assert result["mesh"]["stage"] == K and result["mesh"]["data"] * others == devices // K
     assert result["layer_spec"].startswith("P('stage'"), result  # each device holds its component only
     assert result["grads"] < 1e-5, result
     # Adam's first update divides by |g| + eps (eps = 1e-2 in the check), so it carries the
     # gradients' float differences times about max|g| / eps; a misrouted or misplaced update is O(1).
     assert result["updates"] < 1e-3, result
     assert max(result["metrics"].values()) < 1e-5, result
+    assert not result["unmatched_metrics"], result
+    expected = {f"interlocking/grad_norm_{k + 1}" for k in range(K)}
     if mode.get("aux_heads", True):
-      assert f"interlocking/aux_loss_{K - 1}" in result["metrics"]
+      expected |= {f"interlocking/aux_loss_{k + 1}" for k in range(K - 1)}
+    assert expected <= set(result["metrics"]), sorted(result["metrics"])
 
 
 def test_families_optimizers_and_compositions_it_cannot_run_are_refused():
@@ -456,3 +462,10 @@ def test_rst_charges_the_modelled_k_device_step_scaled_through_the_baseline(tmp_
   assert 3.0 < train["scaled_by"] < 30.0
   assert train["seconds"] == pytest.approx(model["seconds"] * train["scaled_by"])
   assert train_lib.setup(cfg).plan.step_costs[(keys[1], False)] == train["seconds"]
+
+
+def test_pipeline_refuses_fsdp_and_tensor_axes():
+  cfg = _config(K=4, n=2)
+  cfg.mesh.update(data=1, stage=4, fsdp=2)
+  with pytest.raises(ValueError, match="shards over stage and data only"):
+    config_lib.validate(cfg)

@@ -35,7 +35,8 @@ Gradients are computed exactly, not by ``stop_gradient`` over a summed loss: the
 keeps each component's VJP, and each loss's cotangent is pulled back through the components it
 passes (input gradients only) to the component(s) it trains (parameter gradients), as the
 components would do on K devices. A component pulls back at most n cotangents; XLA drops what a
-pull-back does not use (the parameter half of a pass-through, the input half at c_1's input).
+pull-back does not use (the parameter half of a pass-through, the input half where no earlier
+component learns from the loss; c_1's input gradient is kept: it trains the embeddings).
 
 Each component has its own optimizer settings: its gradient is clipped to norm ``grad_clip`` on
 its own (its layers and head, plus the embeddings for c_1, the final norm and untied head for
@@ -56,10 +57,12 @@ mesh's stage axis and the step runs as a pipeline (``interlocking_pipeline``: on
 ``shard_map`` over that axis, activations and cotangents passed between neighbours by
 ``ppermute``; a component waits only for the n losses the mode routes through it); the
 gradients are the same as on one device, and the optimizer updates each component where it
-lives. Data, FSDP and tensor parallelism stay available on the other mesh axes.
+lives. Data parallelism runs on the data axis beside it (FSDP and tensor parallelism are
+refused with a stage axis for now: XLA's partitioner fails inside the stage map).
 
 Time: on an RST budget a step is charged what it would take with one component per device
-(``time_model="devices"``, the paper's fixed-time perspective): ``interlocking_time`` models the
+(``time_model="devices"``, the paper's fixed-time perspective; a pipelined run is on K devices
+and is charged its measured step): ``interlocking_time`` models the
 critical path of each mode (Figure 2) from per-component times measured at calibration;
 ``"single"`` charges the compiled step as it runs (on one device, or pipelined over
 ``mesh.stage = K`` devices).
@@ -207,6 +210,10 @@ class Interlocking(Method):
     if stages != 1 and stages != split.count:
       raise ValueError(f"mesh.stage={stages} must equal method.interlocking.components={split.count} (one "
                        f"component per stage device: mesh.stage={split.count}), or be 1 (unpipelined)")
+    if stages != 1 and (int(cfg.mesh.fsdp) != 1 or int(cfg.mesh.tensor) != 1):
+      raise ValueError(f"mesh.stage={stages} with mesh.fsdp={cfg.mesh.fsdp}, mesh.tensor={cfg.mesh.tensor}: a "
+                       "pipelined run shards over stage and data only (XLA 0.10's partitioner fails on the "
+                       "embedding gather inside the stage map otherwise); set mesh.fsdp=1 mesh.tensor=1")
     if stages != 1 and len(set(split.sizes)) != 1:
       raise ValueError(f"method.interlocking.sizes={split.sizes}: a pipelined run (mesh.stage={stages}) splits "
                        "the stacked layers equally over the stage devices; use sizes=() with components "
@@ -312,8 +319,9 @@ class Interlocking(Method):
 
   def modelled_step(self, run, stage, state, batch, steps: int, warmup: int):
     """RST: a step charged what it takes with one component per device (``interlocking_time``),
-    unless ``time_model="single"`` (this device's time of the whole step)."""
-    if self.section.time_model != "devices":
+    unless ``time_model="single"`` (this device's time of the whole step) or the run is
+    pipelined (``mesh.stage = K``: the K devices are there, and the step is timed as it runs)."""
+    if self.section.time_model != "devices" or run.mesh.shape.get(PIPELINE_AXIS, 1) > 1:
       return None
     from raptr_jax.methods import interlocking_time  # pylint: disable=g-import-not-at-top
     split = self.split()
@@ -330,7 +338,7 @@ class Interlocking(Method):
 def _routed_on_one_device(split: Split, functions, layers, rest, x, batch, *, heads: bool, blocks: int):
   """Every component, head and routed pull-back on this device, in order: the same outputs as
   ``interlocking_pipeline.routed_gradients`` (``(loss, aux, losses, g_layers, g_x, g_final_norm,
-  g_w, g_heads)``)."""
+  g_w, g_heads)``; ``losses`` [K]: each head's loss, then L_K; 0 for components without a head)."""
   run, final_head, aux_head = functions(batch)
   one = jnp.ones((), jnp.float32)
   outputs, component_vjps, h = [], [], x
@@ -368,6 +376,7 @@ def _routed_on_one_device(split: Split, functions, layers, rest, x, batch, *, he
       g_x = g
   g_layers = jax.tree.map(lambda *parts: jnp.concatenate(parts, axis=0), *g_layers)
   g_heads = _stack_towers(g_towers, blocks) if heads else None
+  losses = losses or [jnp.zeros_like(loss)] * (split.count - 1)
   return loss, aux, jnp.stack(losses + [loss]), g_layers, g_x, g_final_norm, g_w, g_heads
 
 

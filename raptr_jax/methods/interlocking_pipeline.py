@@ -2,8 +2,9 @@
 
 With ``mesh.stage = K`` the stacked layers split over the stage axis (``sharding.RULES``), so
 device k of the axis holds exactly component k's layers (equal components). One
-``jax.shard_map`` over that axis (the other mesh axes stay automatic: data parallelism, FSDP
-and tensor parallelism work inside each stage as they do elsewhere) runs a step in three parts;
+``jax.shard_map`` over that axis (the data axis stays automatic: data parallelism works inside
+each stage as elsewhere; FSDP and tensor axes are refused at config time, XLA's partitioner
+fails on them inside the map) runs a step in three parts;
 ``ppermute`` moves activations one device up and cotangents one device down:
 
 * forward, K ticks: at tick t device t runs its component on the activations it received at
@@ -30,8 +31,12 @@ units of the paper's Figure 2, n-wise K + n. The paper's steady-state 2n (its b 
 consecutive steps in flight at once, with a component starting the next batch's forward while
 later ones still work on this one; that is not done here (each step fills and drains the
 pipe, and the RST clock's K-device model, ``interlocking_time``, charges the steady state).
-Every device idles in the ticks that are not its own (the ``lax.cond``), as in any pipeline
-bubble; the recomputed forward costs one component forward per device per step.
+A device idles (``lax.cond``) in the forward ticks that are not its own and in the backward
+ticks where it holds no routed loss, as in any pipeline bubble; a backward tick it works in is
+a full pull-back (parameter and input halves, whichever it needs); the recomputed forward
+costs one component forward per device per step. Every collective over the stage axis sits
+outside the conditionals (shared-parameter gradients are summed after them), so the automatic
+collectives of the other axes inside a branch always run on a whole stage group.
 """
 import jax
 import jax.numpy as jnp
@@ -80,6 +85,10 @@ def routed_gradients(split, mesh, functions, *, heads: bool, blocks: int):
   heads' gradients stacked as the ``aux_heads`` parameters are (None without heads).
   """
   K, n = split.count, split.n
+  if mesh.shape.get(PIPELINE_AXIS, 1) != K or len(set(split.sizes)) != 1:
+    raise ValueError(f"a pipelined run puts {K} equal components on the mesh's {PIPELINE_AXIS!r} axis; "
+                     f"got mesh {dict(mesh.shape)} and components of {split.sizes} layers: set "
+                     f"mesh.stage={K} and method.interlocking.sizes=() with components dividing the layers")
   learn_table, send_table = (jnp.asarray(t) for t in routing_tables(split))
 
   def per_stage(layers, rest, x, batch):
@@ -122,11 +131,13 @@ def routed_gradients(split, mesh, functions, *, heads: bool, blocks: int):
       zeros = lambda out: _varying(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
       loss, aux, g_norm, g_w, g_h = jax.lax.cond(k == K - 1, last, zeros, out)
 
-    # Backward: at tick s this stage holds loss (k + s)'s cotangent.
+    # Backward: at tick s this stage holds loss (k + s)'s cotangent; it pulls it back only when
+    # it learns from that loss or passes it on.
     g, g_layers, g_x = g_h, jax.tree.map(jnp.zeros_like, layers), jnp.zeros_like(h)
+    no_pull = _varying((g_layers, g_x))
     for s in range(n):
-      g_theta, g_in = pull(g)
       learn, send = learn_table[k, s], send_table[k, s]
+      g_theta, g_in = jax.lax.cond(learn | send, pull, lambda g: no_pull, g)
       g_layers = jax.tree.map(lambda acc, d: jnp.where(learn, d, acc), g_layers, g_theta)
       g_x = jnp.where(learn & (k == 0), g_in, g_x)
       if s < n - 1:

@@ -1,6 +1,7 @@
 from setuptools import find_packages, setup
 
-DATA = ["seqio>=0.0.19", "tensorflow-datasets>=4.9.4", "tensorflow>=2.16"]
+# importlib_resources: tfds needs it (etils.epath) to prepare a builder of our own (data/tfds_builders.py).
+DATA = ["seqio>=0.0.19", "tensorflow-datasets>=4.9.4", "tensorflow>=2.16", "importlib_resources>=6", "pyarrow>=14"]
 
 setup(
     name="raptr_jax",
@@ -26,6 +27,7 @@ setup(
     extras_require={
         # Real corpora (C4, Wikipedia + BookCorpus, MiniPile) through seqio / tensorflow-datasets.
         "data": DATA,
-        "test": ["pytest>=8", "pytest-xdist>=3.5", *DATA],
+        # tensorboard: its event reader checks that restarts log each step once (tests only).
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "tensorboard>=2.16", *DATA],
     },
 )

@@ -1,13 +1,29 @@
 """Orbax checkpoints of the train state plus the run's host-side position (progress, data).
 
 Saves are asynchronous and atomic (orbax writes to a temporary directory and renames it on
-success), the last ``keep`` are kept, and a run re-started with the same workdir resumes from the
-newest complete one. A checkpoint whose structure or shapes do not match the current config is
-refused with a message, never silently half-loaded.
+success; temporary directories of a killed run are cleaned up when the next run opens the
+folder), the last ``keep`` are kept, and a run re-started with the same workdir resumes from the
+newest checkpoint that restores.
+
+Integrity: every save records a fingerprint of each array of the train state in its meta (a
+weighted sum of the array's bits mod 2^32, computed on the device, independent of the
+sharding), and a restore recomputes and compares them, so a data file overwritten in place is
+caught even where the storage format would read it back without complaint (orbax stores
+incompressible float data as raw zstd blocks, with no checksum). A checkpoint that cannot be
+read, or reads back different arrays, is *corrupt*: ``restore_latest`` reports its step and
+what failed (the file or the array), moves it aside to ``<workdir>/corrupt_checkpoints/``
+(never deleted) and falls back to the next newest; with none left it stops and changes nothing.
+A checkpoint that reads fine but was written by another config is *foreign*: that is refused
+with the differences, never skipped (``CheckpointError``).
 """
+import json
 import os
+import shutil
+import zlib
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -15,41 +31,179 @@ class CheckpointError(RuntimeError):
   pass
 
 
+class CorruptCheckpoint(CheckpointError):
+  """One step's checkpoint cannot be read back as it was written (``step``, ``what``)."""
+
+  def __init__(self, directory: str, step: int, what: str):
+    self.step, self.what = step, what
+    super().__init__(f"checkpoint {directory}/{step} is corrupt: {what}")
+
+
+def _leaf_fingerprint(x):
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    bits = x.astype(jnp.uint32)
+  else:
+    size = x.dtype.itemsize
+    bits = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[size])
+    bits = bits.astype(jnp.uint32)
+  flat = bits.reshape(-1)
+  weights = jax.lax.iota(jnp.uint32, flat.shape[0]) * jnp.uint32(2) + jnp.uint32(1)
+  return jnp.sum(flat * weights, dtype=jnp.uint32)
+
+
+@jax.jit
+def _fingerprints(tree):
+  return [_leaf_fingerprint(x) for x in jax.tree.leaves(tree)]
+
+
+def fingerprints(tree) -> dict[str, int]:
+  """{array path: sum_i bits_i (2 i + 1) mod 2^32} over the leaves of ``tree``: any change of
+  one element, or a swap of two, changes it; integer sums make it the same on any mesh."""
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  return dict(zip(paths, (int(v) for v in jax.device_get(_fingerprints(tree)))))
+
+
+def feed_fingerprint(feed: dict) -> int:
+  """crc32 over a batch-selection feed's host arrays (a nested dict), path by path."""
+  crc = 0
+  for path, leaf in jax.tree_util.tree_flatten_with_path(feed)[0]:
+    crc = zlib.crc32(np.ascontiguousarray(np.asarray(leaf)).tobytes(), zlib.crc32(_path_name(path).encode(), crc))
+  return crc
+
+
+def _first_line_of_cause(e: BaseException) -> str:
+  """The innermost cause's message (tensorstore names the array and the file there)."""
+  while (e.__cause__ or e.__context__) is not None:
+    e = e.__cause__ or e.__context__
+  text = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {text[0][:400] if text else ''}"
+
+
+def _path_name(path) -> str:
+  """'opt_state.1.mu.embedding': a tree path as orbax names the array."""
+  parts = []
+  for k in path:
+    parts.append(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))))
+  return ".".join(parts)
+
+
+def _same_structure(saved, abstract) -> str | None:
+  """None when the checkpoint's array metadata matches the abstract state, else the first
+  difference (a checkpoint of another model or optimizer, not a corrupt one)."""
+  have = {_path_name(p): tuple(getattr(a, "shape", ()) or ()) for p, a in jax.tree_util.tree_flatten_with_path(saved)[0]}
+  want = {_path_name(p): tuple(a.shape) for p, a in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+  for path in sorted(set(have) | set(want)):
+    if path not in have:
+      return f"{path} is missing from the checkpoint"
+    if path not in want:
+      return f"{path} is in the checkpoint but not in this config's state"
+    if have[path] != want[path]:
+      return f"{path} has shape {have[path]} there, {want[path]} here"
+  return None
+
+
 class Checkpointer:
 
-  def __init__(self, directory: str, keep: int, async_save: bool):
+  def __init__(self, directory: str, keep: int, async_save: bool, writer: bool = True):
+    """``writer``: the run that owns the folder (it cleans up temporary directories left by a
+    killed run); tools that only read pass False."""
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep or None, create=True, enable_async_checkpointing=async_save)
-    self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta", "feed"))
+        max_to_keep=keep or None, create=writer, enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=writer)
+    handlers = dict(state=ocp.StandardCheckpointHandler(), meta=ocp.JsonCheckpointHandler(),
+                    feed=ocp.StandardCheckpointHandler())
+    self._mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
 
+  def all_steps(self) -> list[int]:
+    return sorted(self._mngr.all_steps())
+
   def save(self, step: int, state, meta: dict, feed: dict | None = None) -> None:
-    """``feed``: host-side numpy arrays of a batch-selection feed (carry, loss history)."""
-    items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+    """``feed``: host-side numpy arrays of a batch-selection feed (carry, loss history). The
+    state's fingerprints are taken on the device before the (asynchronous) write starts."""
+    meta = meta | {"fingerprints": fingerprints(state)}
+    items = dict(state=ocp.args.StandardSave(state))
     if feed is not None:
       items["feed"] = ocp.args.StandardSave(feed)
+      meta["feed_fingerprint"] = feed_fingerprint(feed)
+    items["meta"] = ocp.args.JsonSave(meta)
     self._mngr.save(step, args=ocp.args.Composite(**items))
 
-  def restore_feed(self, step: int) -> dict:
-    """The batch-selection feed arrays saved at ``step`` (numpy)."""
+  def restore_latest(self, abstract_state, expected_meta: dict, feed: bool = False):
+    """(step, state, meta, feed or None) of the newest checkpoint that restores, or None when
+    there is none. Corrupt ones on the way are reported and moved aside; a foreign one (another
+    config) or none restorable raises ``CheckpointError``."""
+    steps = sorted(self._mngr.all_steps(), reverse=True)
+    corrupt = []
+    for step in steps:
+      try:
+        state, meta = self.restore(step, abstract_state, expected_meta)
+        feed_arrays = self.restore_feed(step, meta) if feed else None
+      except CorruptCheckpoint as e:
+        corrupt.append(e)
+        continue
+      if corrupt:
+        self._set_aside(corrupt, step)
+      return step, state, meta, feed_arrays
+    if corrupt:
+      raise CheckpointError(
+          f"no checkpoint in {self.directory} restores:\n" + "\n".join(f"  {e}" for e in corrupt)
+          + "\nNothing was moved or deleted. Restore the folder from a backup, or start afresh in a "
+            "new --workdir (this one keeps the corrupt checkpoints and metrics for inspection).")
+    return None
+
+  def _set_aside(self, corrupt: list[CorruptCheckpoint], restored: int) -> None:
+    aside = os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints")
+    moved = []
+    if jax.process_index() == 0:
+      os.makedirs(aside, exist_ok=True)
+      for e in corrupt:
+        target = os.path.join(aside, str(e.step))
+        n = 1
+        while os.path.exists(target):
+          target, n = os.path.join(aside, f"{e.step}.{n}"), n + 1
+        shutil.move(os.path.join(self.directory, str(e.step)), target)
+        moved.append(target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("raptr_jax: corrupt checkpoints set aside")
+    self._mngr.reload()
+    print("\n".join(f"warning: {e}" for e in corrupt)
+          + f"\nwarning: falling back to checkpoint {self.directory}/{restored}; the corrupt one(s) "
+            f"were moved to {aside}/ (delete them once inspected); the steps after {restored} are run again")
+
+  def restore_feed(self, step: int, meta: dict | None = None) -> dict:
+    """The batch-selection feed arrays saved at ``step`` (numpy), checked against the
+    fingerprint in ``meta`` when given."""
     try:
-      return self._mngr.restore(step, args=ocp.args.Composite(feed=ocp.args.StandardRestore()))["feed"]
+      feed = self._mngr.restore(step, args=ocp.args.Composite(feed=ocp.args.StandardRestore()))["feed"]
     except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointError(f"checkpoint {self.directory}/{step} has no readable batch-selection state "
-                            f"({type(e).__name__}: {str(e)[:300]}); it was written by a run of another "
-                            "method. Use a fresh --workdir, or the config that wrote it.") from e
+      if not os.path.isdir(os.path.join(self.directory, str(step), "feed")):
+        raise CheckpointError(f"checkpoint {self.directory}/{step} has no batch-selection state; it was "
+                              "written by a run of another method. Use a fresh --workdir, or the config "
+                              "that wrote it.") from e
+      raise CorruptCheckpoint(self.directory, step, f"feed/: {_first_line_of_cause(e)}") from e
+    want = (meta or {}).get("feed_fingerprint")
+    if want is not None and feed_fingerprint(feed) != want:
+      raise CorruptCheckpoint(self.directory, step, "feed/: the batch-selection arrays read back differ "
+                              "from those written (a data file was overwritten)")
+    return feed
 
   def restore(self, step: int, abstract_state, expected_meta: dict):
-    """Restores (state, meta) at ``step`` with the shardings of ``abstract_state``."""
+    """Restores (state, meta) at ``step`` with the shardings of ``abstract_state``; raises
+    ``CorruptCheckpoint`` when it cannot be read back as written, ``CheckpointError`` when it
+    belongs to another config."""
     try:
       meta = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+      if not isinstance(meta, dict):
+        raise ValueError(f"meta is {type(meta).__name__}, not a JSON object")
     except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointError(f"checkpoint {self.directory}/{step} is unreadable ({type(e).__name__}: "
-                            f"{e}). Delete that step's folder to fall back to an older one, or "
-                            "use a fresh --workdir.") from e
+      raise CorruptCheckpoint(self.directory, step, f"meta/metadata: {_first_line_of_cause(e)}") from e
     for key, want in expected_meta.items():
       have = meta.get(key)
       if have != want:
@@ -61,14 +215,29 @@ class Checkpointer:
         raise CheckpointError(
             f"checkpoint {self.directory}/{step} was written by a different run ({what}). Use a "
             "fresh --workdir, or the config that wrote the checkpoint.")
+    try:
+      saved = self._mngr.item_metadata(step)["state"]
+    except Exception as e:  # pylint: disable=broad-except
+      raise CorruptCheckpoint(self.directory, step, f"state/_METADATA: {_first_line_of_cause(e)}") from e
+    mismatch = _same_structure(saved, abstract_state) if saved is not None else None
+    if mismatch:
+      raise CheckpointError(f"checkpoint {self.directory}/{step} does not match this config's model and "
+                            f"optimizer ({mismatch}). Use a fresh --workdir, or the config that wrote it.")
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
                           abstract_state)
     try:
       state = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
     except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointError(f"checkpoint {self.directory}/{step} does not match this config's model "
-                            f"and optimizer ({type(e).__name__}: {str(e)[:500]}). Use a fresh "
-                            "--workdir, or the config that wrote it.") from e
+      raise CorruptCheckpoint(self.directory, step, f"state/: {_first_line_of_cause(e)}") from e
+    want = meta.get("fingerprints")
+    if want is not None:
+      have = fingerprints(state)
+      bad = [path for path in want if have.get(path) != want[path]]
+      if bad:
+        raise CorruptCheckpoint(
+            self.directory, step, f"state/: {len(bad)} array(s) read back differ from what was written "
+            f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}; a data file under state/ was "
+            "overwritten or damaged)")
     return state, meta
 
   def wait(self) -> None:
@@ -77,3 +246,4 @@ class Checkpointer:
   def close(self) -> None:
     self._mngr.wait_until_finished()
     self._mngr.close()
+

@@ -8,6 +8,7 @@ tools (RST calibration, the comparison runner, diagnostics, benchmarks) read a c
 """
 import ast
 import importlib.util
+import math
 import os
 
 import ml_collections
@@ -135,9 +136,12 @@ def base_config() -> ml_collections.ConfigDict:
                                  # (the compiled step as it runs: one device, or mesh.stage = K)
   c.schedule = dict(name="cosine", peak=1e-3, warmup=0.05, final=0.1)
   c.eval = dict(every=0.25, batches=8, at_start=True)  # every: budget fraction; batches: 0 = whole split
-  c.checkpoint = dict(every=200, keep=2, async_save=True)  # every: steps; 0 = only at the end
+  c.checkpoint = dict(every=200, keep=2, async_save=True)  # every: steps; 0 = only at the end; keep: the
+                                                          # newest kept (>= 2, a fallback; 0 = all)
   c.log = dict(every=10, tensorboard=True, progress_bar=True)
-  c.train = dict(peak_flops=0.0, stop_at_step=0)  # peak_flops 0: device table; stop_at_step: simulate a kill
+  c.train = dict(peak_flops=0.0,                # 0: the device table (MFU)
+                 stop_at_step=0,                # > 0: stop after this step (tests: a kill)
+                 allow_config_changes=False)    # resume under a config that changes what is computed
   return c
 
 
@@ -169,8 +173,9 @@ def validate(cfg) -> None:
   _check_keys(cfg, base_config())
   if cfg.budget.unit not in UNITS + ("rst_hours",):
     raise ValueError(f"budget.unit must be one of {UNITS + ('rst_hours',)}, got {cfg.budget.unit!r}")
-  if not cfg.budget.value > 0:
-    raise ValueError(f"budget.value must be positive, got {cfg.budget.value}")
+  if not (isinstance(cfg.budget.value, (int, float)) and cfg.budget.value > 0 and math.isfinite(cfg.budget.value)):
+    raise ValueError(f"budget.value must be a positive, finite number in budget.unit={cfg.budget.unit!r}, "
+                     f"got {cfg.budget.value!r}; e.g. --config.budget.value=1e9 for 10^9 tokens")
   check_optimizer(cfg.optimizer)
   check_schedule(cfg.schedule.name, cfg.schedule.warmup, cfg.schedule.final)
   if not cfg.schedule.peak > 0:
@@ -210,6 +215,9 @@ def validate(cfg) -> None:
   for name in ("every", "keep"):
     if cfg.checkpoint[name] < 0:
       raise ValueError(f"checkpoint.{name} must be >= 0, got {cfg.checkpoint[name]}")
+  if cfg.checkpoint.keep == 1:
+    raise ValueError("checkpoint.keep=1 leaves nothing to fall back to when the newest checkpoint is "
+                     "corrupt; keep at least 2 (the default), or 0 to keep all")
   if cfg.log.every <= 0:
     raise ValueError(f"log.every must be positive, got {cfg.log.every}")
   from raptr_jax.methods import REGISTRY, get_method  # pylint: disable=g-import-not-at-top  (methods import jax)

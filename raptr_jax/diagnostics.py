@@ -138,7 +138,7 @@ def main(argv=None):
   try:
     cfg = load_config(args.config, args.overrides)
     run = train_lib.setup(cfg, need_costs=False)
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(args.workdir, "checkpoints"), 1, False)
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(args.workdir, "checkpoints"), 0, False, writer=False)
     step = args.step if args.step is not None else checkpointer.latest_step()
     if step is None:
       raise ValueError(f"no checkpoint in {args.workdir}/checkpoints; train first (python -m raptr_jax.main "

@@ -45,7 +45,7 @@ def _restore_params(il_cfg, workdir):
   from raptr_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from raptr_jax import train  # pylint: disable=g-import-not-at-top
   run = train.setup(il_cfg, need_costs=False)
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), 0, False)
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), 0, False, writer=False)
   step = checkpointer.latest_step()
   state, meta = checkpointer.restore(step, run.abstract_state, train.run_meta(il_cfg, run.model_cfg))
   checkpointer.close()

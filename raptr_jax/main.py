@@ -38,16 +38,43 @@ def main(argv):
   workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
   try:
     train.train(cfg, workdir)
-  except (ValueError, OSError, train.TrainingError, train.ckpt_lib.CheckpointError) as e:
+  except train.preemption_lib.Preempted as e:
+    sys.exit(e.code)  # 0 after SIGTERM (the checkpoint is written), 130 after SIGINT
+  except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint of this step
+    sys.exit("interrupted twice: stopped without a checkpoint of the current step; re-run the same "
+             "command to resume from the latest checkpoint")
+  except (ValueError, OSError, train.TrainingError, train.ckpt_lib.CheckpointError,
+          train.workdir_lib.WorkdirBusy) as e:
     sys.exit(f"error: {e}")
 
 
+def _config_file_arg(argv) -> str | None:
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
 def parse_flags(argv):
-  """absl flag parsing with config errors (unknown field, bad value) as one clear line."""
+  """absl flag parsing with config errors (missing file, unknown preset, unknown field, bad
+  value) as one clear line instead of a traceback."""
+  config_arg = _config_file_arg(argv)
+  if config_arg is not None:
+    path = config_arg.partition(":")[0]
+    if not os.path.isfile(path):
+      shipped = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+      names = sorted(f for f in os.listdir(shipped) if f.endswith(".py")) if os.path.isdir(shipped) else []
+      sys.exit(f"config error: config file {path!r} not found (relative to {os.getcwd()})"
+               + (f"; the shipped configs are in {shipped}: {', '.join(names)}" if names else ""))
   try:
     return flags.FLAGS(argv)
   except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
     message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    if "Traceback (most recent call last)" in message:  # raised inside the config file's get_config
+      lines = [line.strip() for line in message.splitlines() if line.strip()]
+      sys.exit(f"config error: --config={config_arg}: {lines[-1].split(': ', 1)[-1]}")
     sys.exit(f"config error: {message}\n(config fields are listed in raptr_jax/config.py; "
              "override them as --config.section.field=value)")
 

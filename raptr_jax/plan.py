@@ -25,6 +25,7 @@
   (``Plan.layer_cost_share``, from the analytic FLOPs) scaled by ``layer_fraction``.
 """
 import dataclasses
+import math
 from typing import Callable, Hashable
 
 UNITS = ("steps", "tokens", "layer_tokens", "rst_seconds")
@@ -80,8 +81,8 @@ class Plan:
   def __post_init__(self):
     if self.unit not in UNITS:
       raise ValueError(f"budget.unit must be one of {UNITS}, got {self.unit!r}")
-    if not self.budget > 0:
-      raise ValueError(f"budget.value must be positive, got {self.budget}")
+    if not (self.budget > 0 and math.isfinite(self.budget)):
+      raise ValueError(f"budget.value must be positive and finite, got {self.budget}")
     if not self.stages:
       raise ValueError("a plan needs at least one stage")
     ends = [s.end for s in self.stages]
@@ -125,17 +126,90 @@ class Plan:
     return float(passes * self.step_costs[(self.scoring.shape, False)])
 
   def total_steps(self, hessian_interval: int = 0) -> int:
-    """Steps the plan will run (each stage's steps until its end fraction is reached; batch
-    selection's scoring passes at their expected rate)."""
-    progress, steps = 0.0, 0
-    per_step = self.scoring.passes_per_step if self.scoring is not None else 0.0
-    while progress < self.budget:
-      hessian = bool(hessian_interval) and steps % hessian_interval == hessian_interval - 1
-      fraction = progress / self.budget
-      progress += self.charge(self.stages[self.stage_index(fraction)], hessian, fraction)
-      progress += per_step * self.scoring_charge(1)
-      steps += 1
-    return steps
+    """Steps the plan will run (``step_count``'s count)."""
+    return self.step_count(hessian_interval)[0]
+
+  def step_count(self, hessian_interval: int = 0) -> tuple[int, bool]:
+    """(steps the plan will run, exact): each stage's steps until its end fraction is reached,
+    batch selection's scoring passes at their expected rate (``Scoring.passes_per_step``).
+
+    Closed form, so planning costs the same for 10 steps and 10^12 tokens: a stage whose steps
+    all cost the same takes ceil(remaining / cost) steps (with Sophia-G's Hessian steps, whole
+    periods of ``hessian_interval`` steps at once). A stage whose charge varies with the budget
+    fraction (progressive layer dropping on the RST or layer-token clock) is stepped one step
+    at a time for up to ``EXACT_VARYING_STEPS`` steps and the rest is estimated from the
+    integral of 1 / charge over its fractions; ``exact`` is then False."""
+    h = int(hessian_interval or 0)
+    extra = self.scoring.passes_per_step * self.scoring_charge(1) if self.scoring is not None else 0.0
+    progress, steps, exact = 0.0, 0, True
+    last = len(self.stages) - 1
+    for i, stage in enumerate(self.stages):
+      # The loop runs stage i while progress / budget < end - 1e-12 (``stage_index``); the last
+      # stage while progress < budget.
+      if i == last:
+        below = lambda p: p < self.budget
+        target = self.budget
+      else:
+        end = stage.end - 1e-12
+        below = lambda p, end=end: p / self.budget < end
+        target = end * self.budget
+      cost = lambda hessian, p, stage=stage: self.charge(stage, hessian, p / self.budget) + extra
+      if not below(progress):
+        continue
+      if self._varies(stage):
+        progress, steps, stage_exact = _step_varying(progress, steps, h, below, target, cost)
+        exact &= stage_exact
+      else:
+        plain = cost(False, 0.0)
+        progress, steps = _step_constant(progress, steps, h, below, target, plain, cost(True, 0.0) if h else plain)
+    return steps, exact
+
+  def _varies(self, stage: Stage) -> bool:
+    """True when a step's charge depends on the budget fraction it starts at."""
+    return stage.layer_fraction is not None and self.unit in ("rst_seconds", "layer_tokens")
+
+
+EXACT_VARYING_STEPS = 20_000  # a varying stage is stepped exactly up to this many steps
+
+
+def is_hessian_step(step: int, h: int) -> bool:
+  """Sophia-G's Hessian step: every h-th step (the loop's test)."""
+  return bool(h) and step % h == h - 1
+
+
+def _step_constant(progress, steps, h, below, target, plain, hessian):
+  """(progress, steps) after a stage of constant charges ``plain`` (``hessian`` every h-th
+  step) has run until ``below(progress)`` fails; O(h) work whatever the stage's length."""
+  if not plain > 0 or not hessian > 0:
+    raise ValueError(f"a step must charge a positive amount of the budget, got {plain} / {hessian}")
+  charge = lambda s: hessian if is_hessian_step(s, h) else plain
+  if not h or hessian == plain:
+    n = max(0, math.ceil((target - progress) / plain) - 1)
+    progress, steps = progress + n * plain, steps + n
+  else:
+    while below(progress) and steps % h:  # to the start of a period of h steps
+      progress, steps = progress + charge(steps), steps + 1
+    period = (h - 1) * plain + hessian
+    k = max(0, math.floor((target - progress) / period) - 1)
+    progress, steps = progress + k * period, steps + k * h
+  while below(progress):  # the last few steps one at a time: exactly the loop's test
+    progress, steps = progress + charge(steps), steps + 1
+  return progress, steps
+
+
+def _step_varying(progress, steps, h, below, target, cost):
+  """``_step_constant`` for charges that depend on the progress: stepped exactly for up to
+  ``EXACT_VARYING_STEPS`` steps, then estimated (returns exact=False)."""
+  for _ in range(EXACT_VARYING_STEPS):
+    if not below(progress):
+      return progress, steps, True
+    progress, steps = progress + cost(is_hessian_step(steps, h), progress), steps + 1
+  # The rest: steps ~ the integral of 1 / (mean charge) over the remaining progress (midpoints).
+  n_points = 256
+  width = (target - progress) / n_points
+  mean_cost = lambda p: cost(False, p) * (1 - 1 / h if h else 1) + (cost(True, p) / h if h else 0)
+  rest = sum(width / mean_cost(progress + (j + 0.5) * width) for j in range(n_points))
+  return target, steps + max(1, math.ceil(rest)), False
 
 
 def baseline_plan(unit: str, budget: float, tokens_per_step: int) -> Plan:

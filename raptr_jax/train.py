@@ -13,7 +13,15 @@ passes are charged too (``plan.scoring_charge``), and its state is saved with ea
 
 All randomness is a function of (seed, step) and the data stream's saved position, so a run that
 is killed and re-started with the same workdir reaches the same losses as one that was not.
+
+Faults: the workdir is locked while a run owns it (``workdir.WorkdirLock``); a resume restores
+the newest checkpoint that reads back intact (corrupt ones are set aside,
+``checkpoint.Checkpointer.restore_latest``) under the config that started the run
+(``workdir.check_resume``); ``metrics.jsonl`` and TensorBoard keep each step once
+(``metrics.MetricWriter.start``); SIGTERM / SIGINT finish the step, checkpoint it and raise
+``preemption.Preempted``.
 """
+import contextlib
 import json
 import math
 import os
@@ -26,7 +34,9 @@ from raptr_jax import checkpoint as ckpt_lib
 from raptr_jax import flops as flops_lib
 from raptr_jax import metrics as metrics_lib
 from raptr_jax import plan as plan_lib
+from raptr_jax import preemption as preemption_lib
 from raptr_jax import rst
+from raptr_jax import workdir as workdir_lib
 from raptr_jax.data import pipeline
 from raptr_jax.run import Run, evaluate
 from raptr_jax.run import setup as build_run
@@ -70,16 +80,24 @@ def _check_finite(host_metrics, step, fraction, checkpointer):
 
 
 def train(cfg, workdir: str) -> dict:
-  """Trains (or resumes) the run of ``cfg`` in ``workdir``; returns the final metrics."""
+  """Trains (or resumes) the run of ``cfg`` in ``workdir``; returns the final metrics.
+
+  The workdir is locked for the run (a second run on it is refused); SIGTERM / SIGINT
+  checkpoint the current step and raise ``preemption.Preempted`` (a ``SystemExit``)."""
   if cfg.distributed.initialize:
     jax.distributed.initialize()
-  run = setup(cfg)
   lead = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
+  with (preemption_lib.Preemption() as preemption, workdir_lib.WorkdirLock(workdir, enabled=lead),
+        contextlib.closing(ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint.keep,
+                                                 cfg.checkpoint.async_save)) as checkpointer):
+    return _train(cfg, workdir, preemption, lead, checkpointer)
+
+
+def _train(cfg, workdir: str, preemption, lead: bool, checkpointer) -> dict:
+  run = setup(cfg)
   plan, mesh = run.plan, run.mesh
   budget = plan.budget
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint.keep,
-                                       cfg.checkpoint.async_save)
   writer = metrics_lib.MetricWriter(workdir, cfg.log.tensorboard, enabled=lead)
   scoring = plan.scoring  # batch selection: the stream yields candidate batches for its scoring passes
   stream = pipeline.build_stream(cfg.data, "train", scoring.rows if scoring else cfg.data.batch_size,
@@ -89,18 +107,22 @@ def train(cfg, workdir: str) -> dict:
   expected_meta = run_meta(cfg, run.model_cfg)
 
   if lead:
+    n_steps, exact = plan.step_count(run.steps.ctx.optimizer.hessian_interval)
     print(f"workdir {os.path.abspath(workdir)}: {plan.unit} budget {budget:g}, "
-          f"{plan.total_steps(run.steps.ctx.optimizer.hessian_interval)} steps, "
+          f"{'' if exact else '~'}{n_steps:,} steps{'' if exact else ' (estimated)'}, "
           f"{len(plan.stages)} stage(s) ({len({st.shape for st in plan.stages})} step shape(s) to "
           f"compile), mesh {dict(mesh.shape)}")
-  start = checkpointer.latest_step()
-  if start is None:
+  latest = checkpointer.latest_step()
+  changes = workdir_lib.check_resume(workdir, cfg, latest) if latest is not None else {}
+  restored = (checkpointer.restore_latest(run.abstract_state, expected_meta, feed=bool(scoring))
+              if latest is not None else None)
+  if restored is None:
     state, progress, step, tokens, wall_before = run.init(), 0.0, 0, 0, 0.0
     usage = {"layers": 0.0, "flops": 0.0, "layer_tokens": 0.0}
     state_stage = 0  # the plan stage whose model the train state holds (growth changes it)
-    feed_state = None
+    feed_state, metrics_rows = None, None
   else:
-    state, meta = checkpointer.restore(start, run.abstract_state, expected_meta)
+    _, state, meta, feed_state = restored
     progress, step, tokens = float(meta["progress"]), int(meta["step"]), int(meta["tokens"])
     state_stage = int(meta.get("stage", plan.stage_index(progress / budget)))
     if state_stage > plan.stage_index(progress / budget):
@@ -112,27 +134,31 @@ def train(cfg, workdir: str) -> dict:
     wall_before = float(meta.get("wall_s", 0.0))
     usage = {"layer_tokens": 0.0} | dict(meta.get("usage", {"layers": 0.0, "flops": 0.0}))
     stream.set_state(meta["data"])
-    feed_state = checkpointer.restore_feed(start) if scoring else None
-    writer.truncate_after(step)
+    metrics_rows = meta.get("metrics_rows")
     if lead:
       print(f"resumed from {checkpointer.directory}/{step} at {progress / budget:.1%} of the budget")
+      for key, (was, now) in changes.items():
+        print(f"config changed at step {step} (train.allow_config_changes): {key}: {was!r} -> {now!r}")
     if progress >= budget:
-      checkpointer.close()
-      writer.close()
       last = {}
       if lead and os.path.exists(writer.path):
         for row in metrics_lib.read_metrics(workdir):
           last |= row
         print(f"this run is already complete (step {step}, eval/loss {last.get('eval/loss', float('nan')):.4f}); "
-              "raise budget.value to train further, or use a fresh --workdir")
+              "to train further raise budget.value and pass --config.train.allow_config_changes=True "
+              "(the schedule then stretches over the new budget), or use a fresh --workdir")
       return {"step": step, "stopped": False, **last}
+  if lead:
+    workdir_lib.record_start(workdir, cfg, step, changes)
+  writer.start(None if restored is None else step, metrics_rows)
 
   def save(step, state, progress, tokens):
     checkpointer.save(step, state, expected_meta | {
         "step": step, "progress": progress, "tokens": tokens, "wall_s": wall(), "usage": dict(usage),
-        "stage": state_stage, "data": batches.get_state()}, feed.state() if feed is not None else None)
+        "stage": state_stage, "data": batches.get_state(), "metrics_rows": writer.rows},
+        feed.state() if feed is not None else None)
 
-  if start is None and cfg.eval.at_start:
+  if restored is None and cfg.eval.at_start:
     initial = evaluate(run, state.params, eval_batches, plan.stages[0], 0.0)
     writer.write(0, {"progress": 0.0, "progress_units": 0.0, "tokens": 0, "eval/loss": initial})
     if lead:
@@ -159,13 +185,14 @@ def train(cfg, workdir: str) -> dict:
       if stage_index != state_stage:  # a stage boundary: the method may transform the state
         state = run.transition(state, state_stage, stage_index)
         state_stage = stage_index
+      preemption.current_step = step + 1
       key = jax.random.fold_in(base_key, step)
       if feed is not None:  # batch selection: scoring passes on the device choose the rows
         batch, passes = feed.next_batch(state.params, step)
       else:
         batch, passes = batches.next_batch(), 0
       args = (state, run.device_batch(batch), key, jnp.float32(fraction))
-      hessian = bool(hessian_interval) and step % hessian_interval == hessian_interval - 1  # Sophia-G
+      hessian = plan_lib.is_hessian_step(step, hessian_interval)  # Sophia-G
       if hessian:
         args += (run.device_batch(batches.next_batch()),)
       state, m = run.steps.train_step(stage, hessian)(*args)
@@ -220,6 +247,15 @@ def train(cfg, workdir: str) -> dict:
       bar.update(charge, step, last.get("train/loss"), last.get("tokens_per_s"))
       if do_save:
         save(step, state, progress, tokens)
+      if preemption.requested(step):
+        if not do_save:
+          save(step, state, progress, tokens)
+        checkpointer.wait()
+        message = (f"{preemption.signal}: checkpoint {checkpointer.directory}/{step} written at step {step} "
+                   f"({fraction:.1%} of the budget); re-run the same command to resume")
+        if lead:
+          bar.write(message)
+        raise preemption_lib.Preempted(preemption.signal, step, message)
       if cfg.train.stop_at_step and step >= cfg.train.stop_at_step and progress < budget:
         checkpointer.wait()
         if lead:
@@ -228,7 +264,6 @@ def train(cfg, workdir: str) -> dict:
   finally:
     batches.close()
     bar.close()
-    checkpointer.close()
     writer.close()
   if lead:
     print(f"done: {step} steps, eval/loss {last.get('eval/loss', float('nan')):.4f}\n"

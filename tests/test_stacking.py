@@ -14,6 +14,7 @@ from raptr_jax.checkpoint import CheckpointError
 from raptr_jax.config import validate
 from raptr_jax.metrics import read_metrics
 from raptr_jax.methods.growth_ops import depth_order
+from raptr_jax.workdir import ConfigChanged
 from conftest import load_config, quiet, straight_and_resumed
 
 
@@ -135,6 +136,9 @@ def test_resuming_under_a_changed_growth_schedule_is_refused(tiny_config, tmp_pa
   cfg.budget.value, cfg.checkpoint.every, cfg.train.stop_at_step = 8, 2, 2
   train_lib.train(cfg, str(tmp_path))
   cfg.method.stacking.grow_at = (0.25,)
+  with pytest.raises(ConfigChanged, match=r"method.stacking.grow_at: \[0.5\] there, \[0.25\] here"):
+    train_lib.train(cfg, str(tmp_path))
+  cfg.train.allow_config_changes = True  # the checkpoint still refuses a state of another plan
   with pytest.raises(CheckpointError, match="grow_at"):
     train_lib.train(cfg, str(tmp_path))
 

@@ -10,7 +10,6 @@ from raptr_jax import config as config_lib
 from raptr_jax import plan as plan_lib
 from raptr_jax import run as run_lib
 from raptr_jax import train as train_lib
-from raptr_jax.checkpoint import CheckpointError
 from raptr_jax.metrics import read_metrics
 from raptr_jax.models import LayerSelection, Selection
 from conftest import ROOT, load_config, quiet, register_method
@@ -82,16 +81,6 @@ def test_each_stage_shape_compiles_once_and_stages_switch_on_the_clock(tiny_conf
   assert traces == ["half"]  # traced (compiled) once for the whole stage
 
 
-def test_incompatible_checkpoint_is_refused_with_a_clear_message(tiny_config, tmp_path):
-  cfg = tiny_config
-  cfg.budget.value = 4
-  train_lib.train(cfg, str(tmp_path))
-  cfg.budget.value = 8
-  cfg.model.d_model = 32
-  with pytest.raises(CheckpointError, match=r"model.d_model: 64 there, 32 here.*fresh --workdir"):
-    train_lib.train(cfg, str(tmp_path))
-
-
 def test_nan_stops_with_advice_and_the_run_resumes_from_a_good_checkpoint(tiny_config, tmp_path, monkeypatch):
   def lr_that_breaks(t, **kwargs):
     return jnp.where(t > 0.35, jnp.nan, 1e-3)
@@ -136,15 +125,26 @@ def test_cli_errors_are_one_clear_line(tmp_path):
   assert out.returncode != 0 and "not divisible by the data-parallel size 8" in out.stderr
   assert "Traceback" not in out.stderr
   out = _main("--config=configs/ul2.py:huge", f"--workdir={tmp_path}")
-  assert out.returncode != 0 and "unknown preset 'huge'" in out.stderr
+  assert out.returncode != 0 and "unknown preset 'huge'" in out.stderr and "Traceback" not in out.stderr
+  out = _main("--config=configs/nope.py", f"--workdir={tmp_path}")
+  assert out.returncode != 0 and "config file 'configs/nope.py' not found" in out.stderr and "ul2.py" in out.stderr
+  assert "Traceback" not in out.stderr
+  out = _main("--config=configs/ul2.py:tiny", f"--workdir={tmp_path}", "--config.data.vocab_path=setup.py")
+  assert out.returncode != 0 and "data.vocab_path='setup.py' is not a SentencePiece model" in out.stderr
+  assert "Traceback" not in out.stderr
+  out = _main("--config=configs/ul2.py:tiny", f"--workdir={tmp_path}", "--config.method.name=raptr",
+              "--config.method.raptr.fixed=(0, 9)")
+  assert out.returncode != 0 and "layer 9 is outside the 2-layer model" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_corrupt_checkpoint_is_refused_with_a_clear_message(tiny_config, tmp_path):
-  import shutil
-  cfg = tiny_config
-  cfg.budget.value = 4
-  train_lib.train(cfg, str(tmp_path))
-  shutil.rmtree(tmp_path / "checkpoints" / "4" / "state")
-  cfg.budget.value = 8
-  with pytest.raises(CheckpointError, match="checkpoints/4.*(unreadable|does not match)"):
-    train_lib.train(cfg, str(tmp_path))
+def test_raptr_runs_on_the_default_and_tiny_models_and_wraps_no_fixed_layer():
+  from raptr_jax.methods.raptr import build_schedule
+  for preset, layers in (("", 4), ("tiny", 2)):
+    cfg = load_config("ul2", preset)
+    cfg.method.name = "raptr"
+    config_lib.validate(cfg)
+    stages = run_lib.build_plan(cfg).stages
+    assert len(stages) == 4 and stages[-1].select is None, (preset, stages)  # ends on the full model
+  assert build_schedule(4, fixed=(0, -1))[0].fixed == (0, 3)
+  with pytest.raises(ValueError, match="layer 4 is outside the 4-layer model"):
+    build_schedule(4, fixed=(0, 4))

@@ -1,7 +1,11 @@
 """Real corpora through seqio and tensorflow-datasets: C4, Wikipedia + BookCorpus, MiniPile.
 
 Each corpus is one or more seqio Tasks over prepared tfds datasets, read from
-``data.tfds_data_dir`` (a local path or gs://). The Tasks read *read-only*: a dataset that is
+``data.tfds_data_dir`` (a local path or gs://), each named with its version (seqio reads one
+fixed version): ``c4/en:3.1.0``, ``wikipedia/20230601.en:1.0.0`` + ``bookcorpus:1.0.0``,
+``minipile:1.0.0``; ``data.tfds_names`` overrides them. BookCorpus and MiniPile are not in the
+TFDS catalog: ``data/tfds_builders.py`` defines their builders and prepares them from the
+downloaded Hugging Face files. The Tasks read *read-only*: a dataset that is
 not prepared fails at once with a message naming the dataset, the directory and how to prepare
 it, never with a download attempt. Each Task keeps the text, gives it a stable id (a 48-bit
 farmhash of the text, so the same document has the same id after any shuffling, packing or
@@ -21,6 +25,7 @@ from typing import Iterator
 import numpy as np
 
 from raptr_jax.data import corpus
+from raptr_jax.data import tf_env
 from raptr_jax.data.vocab import BUILTIN_MODEL
 
 MAX_CHUNKS_PER_DOC = corpus.MAX_CHUNKS_PER_DOC
@@ -40,20 +45,21 @@ CORPORA = {
     "wikipedia_books": (
         Part("wikipedia/20230601.en:1.0.0", rate=0.5,
              splits=(("train", "train[:99.5%]"), ("validation", "train[99.5%:]"))),
-        Part("bookcorpus", rate=0.5, splits=(("train", "train[:99.5%]"), ("validation", "train[99.5%:]")))),
-    "minipile": (Part("minipile"),),
+        Part("bookcorpus:1.0.0", rate=0.5, splits=(("train", "train[:99.5%]"), ("validation", "train[99.5%:]")))),
+    "minipile": (Part("minipile:1.0.0"),),
 }
 
 HOW_TO_PREPARE = {
     "c4": "tfds build c4/en:3.1.0 --data_dir=DIR (it needs the Common Crawl WET files; see "
           "https://www.tensorflow.org/datasets/catalog/c4), or copy a prepared c4/en/3.1.0 there "
           "(e.g. `gsutil -m cp -r gs://<bucket>/c4/en/3.1.0 DIR/c4/en/`)",
-    "wikipedia_books": "tfds build wikipedia/20230601.en --data_dir=DIR, and a tfds dataset named "
-                       "'bookcorpus' with a 'text' feature (e.g. written from the Hugging Face copy "
-                       "with tfds.dataset_builders.store_as_tfds_dataset)",
-    "minipile": "a tfds dataset named 'minipile' with a 'text' feature and train/validation splits "
-                "(e.g. `tfds build --datasets=huggingface:jeankaddour__minipile` renamed, or "
-                "tfds.dataset_builders.store_as_tfds_dataset of the Hugging Face copy)",
+    "wikipedia_books": "tfds build wikipedia/20230601.en --data_dir=DIR (or copy a prepared "
+                       "wikipedia/20230601.en/1.0.0 there), and BookCorpus from its Hugging Face parquet "
+                       "files: `python -m raptr_jax.data.tfds_builders bookcorpus --manual_dir=FILES "
+                       "--data_dir=DIR` (see raptr_jax/data/tfds_builders.py)",
+    "minipile": "download the Hugging Face parquet files (`huggingface-cli download JeanKaddour/minipile "
+                "--repo-type=dataset --local-dir=FILES`), then `python -m raptr_jax.data.tfds_builders "
+                "minipile --manual_dir=FILES --data_dir=DIR`",
 }
 
 
@@ -68,6 +74,10 @@ def corpus_parts(data_cfg) -> tuple[Part, ...]:
       raise ValueError(f"data.tfds_names gives {len(names)} names but {data_cfg.source} has "
                        f"{len(parts)} parts ({[p.tfds_name for p in parts]})")
     parts = tuple(dataclasses.replace(p, tfds_name=n) for p, n in zip(parts, names))
+  for part in parts:
+    if ":" not in part.tfds_name:
+      raise ValueError(f"data.tfds_names: {part.tfds_name!r} has no version; seqio reads one fixed version, "
+                       f"e.g. '{part.tfds_name}:1.0.0' (the folder name under DATA_DIR/{part.tfds_name}/)")
   return parts
 
 
@@ -78,8 +88,8 @@ def _task_name(source: str, part: Part, data_dir: str, vocab_path: str, extra_id
 
 def register_task(source: str, part: Part, data_dir: str, vocab_path: str = "", extra_ids: int = 100) -> str:
   """Registers (once) and returns the name of the seqio Task reading ``part``."""
-  import seqio  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf, seqio, _ = tf_env.data_stack()
+  from raptr_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top,unused-import  (minipile, bookcorpus)
   name = _task_name(source, part, data_dir, vocab_path, extra_ids)
   if name in seqio.TaskRegistry.names():
     return name
@@ -105,7 +115,7 @@ class CorpusSource:
   stable_ids = True  # ids hash the document text and the chunk index
 
   def __init__(self, data_cfg, split: str, chunk_length: int, seed: int, shuffle: bool):
-    import seqio  # pylint: disable=g-import-not-at-top
+    seqio = tf_env.data_stack()[1]
     self.source, self.split, self.chunk_length = data_cfg.source, split, chunk_length
     self.seed, self.shuffle = seed, shuffle
     self.parts = corpus_parts(data_cfg)

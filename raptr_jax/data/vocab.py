@@ -25,7 +25,13 @@ class Vocabulary:
           "(for example the public T5 vocabulary) or leave it empty for the built-in one.")
     self.model_path = model_path
     self.extra_ids = extra_ids
-    self._sp = spm.SentencePieceProcessor(model_proto=_read_bytes(model_path))
+    try:
+      self._sp = spm.SentencePieceProcessor(model_proto=_read_bytes(model_path))
+    except (RuntimeError, OSError) as e:
+      raise ValueError(
+          f"data.vocab_path={model_path!r} is not a SentencePiece model file ({str(e).splitlines()[0][:160]}). "
+          "Give the .model file SentencePiece wrote (not the .vocab text file), or leave data.vocab_path "
+          "empty for the built-in vocabulary.") from None
     ids = (self._sp.pad_id(), self._sp.eos_id(), self._sp.unk_id())
     if ids != (PAD_ID, EOS_ID, UNK_ID):
       raise ValueError(
@@ -84,15 +90,15 @@ def load_vocabulary(model_path: str = "", extra_ids: int = 100) -> Vocabulary:
 
 def _exists(path: str) -> bool:
   if path.startswith("gs://"):
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    return tf.io.gfile.exists(path)
+    from raptr_jax.data.tf_env import tensorflow  # pylint: disable=g-import-not-at-top
+    return tensorflow().io.gfile.exists(path)
   return os.path.exists(path)
 
 
 def _read_bytes(path: str) -> bytes:
   if path.startswith("gs://"):
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    with tf.io.gfile.GFile(path, "rb") as f:
+    from raptr_jax.data.tf_env import tensorflow  # pylint: disable=g-import-not-at-top
+    with tensorflow().io.gfile.GFile(path, "rb") as f:
       return f.read()
   with open(path, "rb") as f:
     return f.read()

@@ -64,6 +64,19 @@ class RaptrStage:
     return len(self.fixed) + self.p * (num_layers - len(self.fixed))
 
 
+def layer_ids(ids, num_layers: int, key: str = "method.raptr.fixed") -> tuple[int, ...]:
+  """Sorted 0-based layer ids; negative ids count from the end (-1: the last layer); an id
+  outside the model is an error, never wrapped onto another layer."""
+  out = set()
+  for i in ids:
+    i = int(i)
+    if not -num_layers <= i < num_layers:
+      raise ValueError(f"{key}: layer {i} is outside the {num_layers}-layer model; ids are 0..{num_layers - 1} "
+                       f"(or -1 for the last), e.g. {key}=(0, {num_layers - 1})")
+    out.add(i % num_layers)
+  return tuple(sorted(out))
+
+
 def recommended_lengths(num_layers: int, minimum: float = 0.0) -> list[float]:
   """Section 4's schedule: L/2, then + L/6 per stage, 4 stages (6-8-10-12 for L = 12); no
   stage below ``minimum`` (the fixed set: 2-2-2.5-3 for L = 3 with I = {first, last})."""
@@ -119,7 +132,7 @@ def build_schedule(num_layers: int, avg_lengths=None, fixed=None, total: float =
                    target_average: float = 0.0, initial_full: float = 0.0) -> list[RaptrStage]:
   """The stages ``T_{1:k} x (p_{1:k}, I_{1:k})`` from average lengths (default: recommended)."""
   L = num_layers
-  fixed = tuple(sorted({0, L - 1} if fixed is None else {int(i) % L for i in fixed}))
+  fixed = tuple(sorted({0, L - 1})) if fixed is None else layer_ids(fixed, L)
   avg_lengths = list(avg_lengths or recommended_lengths(L, len(fixed)))
   for a, b in zip(avg_lengths, avg_lengths[1:]):
     if b < a:
@@ -280,7 +293,7 @@ def plan_stages(raptr_cfg, model_cfg):
   if c.axis != "depth":
     stages = _width_stages(c, units)
   elif c.stages:
-    stages = [RaptrStage(float(p), tuple(sorted(int(i) % num_layers for i in I)), float(f))
+    stages = [RaptrStage(float(p), layer_ids(I, num_layers, "method.raptr.stages (fixed layers)"), float(f))
               for p, I, f in c.stages]
   else:
     stages = build_schedule(num_layers, parse_notation(c.schedule) if c.schedule else None,

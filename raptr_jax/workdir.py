@@ -1,0 +1,159 @@
+"""What a workdir keeps about the runs that own it: a lock and the config of every (re)start.
+
+* ``WorkdirLock``: a run holds an exclusive ``flock`` on ``WORKDIR/.lock`` while it trains; a
+  second run on the same workdir is refused with the owner's pid, host and start time. The
+  kernel drops the lock when its process dies (``kill -9`` included), so a killed run never
+  blocks its own resume; the owner details in the file are only read to word the message.
+* ``starts.jsonl`` holds one line per (re)start: the step it started from, when, the command
+  line and the full resolved config; ``config.json`` is the config of the latest start, for
+  people to read. ``check_resume`` compares a resumed run's config with the latest start's:
+  fields that change what the run computes (model, data, objective, optimizer, schedule, seed,
+  method, budget, ...) are refused with the list of differences, unless
+  ``train.allow_config_changes=True``, which records them with the step in ``starts.jsonl``.
+  Fields that only change how it is run (logging, checkpoint cadence, eval cadence, the data
+  directory, the mesh and hosts, unless the budget is in RST, whose charges depend on the mesh)
+  may change freely.
+"""
+import datetime
+import json
+import os
+import socket
+import sys
+
+# Fields (or sections, ending in ".") that do not change what a run computes.
+HOW_NOT_WHAT = ("log.", "checkpoint.", "eval.every", "eval.at_start", "train.stop_at_step",
+                "train.peak_flops", "train.allow_config_changes", "distributed.", "data.tfds_data_dir",
+                "mesh.")
+
+
+class WorkdirBusy(RuntimeError):
+  pass
+
+
+class ConfigChanged(ValueError):
+  pass
+
+
+class WorkdirLock:
+  """An exclusive lock on ``WORKDIR/.lock`` for the life of a run (a context manager)."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.path = os.path.join(workdir, ".lock")
+    self.enabled = enabled
+    self._file = None
+
+  def __enter__(self):
+    if not self.enabled:
+      return self
+    try:
+      import fcntl  # pylint: disable=g-import-not-at-top
+    except ImportError:  # not POSIX: no lock (say so once)
+      print(f"warning: no file locking on this platform; do not start two runs on {os.path.dirname(self.path)}")
+      return self
+    f = open(self.path, "a+")
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      f.seek(0)
+      owner = f.read().strip()
+      f.close()
+      try:
+        who = json.loads(owner)
+        who = f"pid {who['pid']} on host {who['host']}, started {who['started']}: {who['command']}"
+      except (ValueError, KeyError, TypeError):
+        who = "another process"
+      raise WorkdirBusy(
+          f"workdir {os.path.dirname(os.path.abspath(self.path))} is in use by a running run ({who}). "
+          "Wait for it to finish, stop it (it checkpoints on SIGTERM), or use another --workdir.") from None
+    f.seek(0)
+    f.truncate()
+    f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": _now(),
+                        "command": " ".join(sys.argv)}) + "\n")
+    f.flush()
+    self._file = f
+    return self
+
+  def __exit__(self, *exc):
+    if self._file is not None:
+      self._file.close()  # closing releases the flock
+      self._file = None
+    return False
+
+
+def _now() -> str:
+  return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def flat_config(cfg) -> dict:
+  """{"section.field": value} of a config, JSON-normalised (tuples become lists)."""
+  tree = json.loads(json.dumps(cfg.to_dict(), default=str))
+  out = {}
+
+  def walk(node, prefix):
+    for key, value in node.items():
+      if isinstance(value, dict):
+        walk(value, f"{prefix}{key}.")
+      else:
+        out[f"{prefix}{key}"] = value
+  walk(tree, "")
+  return out
+
+
+def latest_start(workdir: str) -> dict | None:
+  """The last complete line of ``starts.jsonl``, or None."""
+  path = os.path.join(workdir, "starts.jsonl")
+  if not os.path.exists(path):
+    return None
+  last = None
+  with open(path) as f:
+    for line in f:
+      try:
+        last = json.loads(line)
+      except json.JSONDecodeError:  # a torn line from a kill while it was written
+        continue
+  return last
+
+
+def config_changes(before: dict, now: dict, rst_budget: bool) -> dict:
+  """{field: (before, now)} of the fields whose change changes what the run computes."""
+  neutral = tuple(f for f in HOW_NOT_WHAT if not (rst_budget and f == "mesh."))
+  changes = {}
+  for key in sorted(set(before) | set(now)):
+    if key.startswith(neutral) or key in neutral:
+      continue
+    if before.get(key, "<absent>") != now.get(key, "<absent>"):
+      changes[key] = (before.get(key, "<absent>"), now.get(key, "<absent>"))
+  return changes
+
+
+def check_resume(workdir: str, cfg, step: int) -> dict:
+  """The computation-changing differences between ``cfg`` and the config that last started
+  this workdir ({} when none were recorded); raises ``ConfigChanged`` unless
+  ``train.allow_config_changes``."""
+  previous = latest_start(workdir)
+  if previous is None:
+    return {}
+  changes = config_changes(previous["config"], flat_config(cfg), str(cfg.budget.unit).startswith("rst"))
+  if changes and not cfg.train.allow_config_changes:
+    listed = "\n".join(f"  {k}: {a!r} there, {b!r} here" for k, (a, b) in changes.items())
+    raise ConfigChanged(
+        f"workdir {workdir} holds a run started with another config (its checkpoint is at step {step}); "
+        f"resuming would change what it computes:\n{listed}\nRe-run with the config that started it "
+        f"({os.path.join(workdir, 'config.json')}), use a fresh --workdir, or pass "
+        "--config.train.allow_config_changes=True to continue with the change (recorded with the step "
+        "in starts.jsonl).")
+  return changes
+
+
+def record_start(workdir: str, cfg, step: int, changes: dict) -> None:
+  """Appends this (re)start to ``starts.jsonl`` and writes ``config.json``."""
+  flat = flat_config(cfg)
+  entry = {"step": step, "time": _now(), "host": socket.gethostname(), "command": " ".join(sys.argv),
+           "changes": {k: list(v) for k, v in changes.items()}, "config": flat}
+  with open(os.path.join(workdir, "starts.jsonl"), "a") as f:
+    f.write(json.dumps(entry) + "\n")
+  tmp = os.path.join(workdir, "config.json.tmp")
+  with open(tmp, "w") as f:
+    json.dump(cfg.to_dict(), f, indent=2, sort_keys=True, default=str)
+    f.write("\n")
+  os.replace(tmp, os.path.join(workdir, "config.json"))

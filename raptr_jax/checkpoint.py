@@ -1,8 +1,8 @@
 """Orbax checkpoints of the train state plus the run's host-side position (progress, data).
 
 Saves are asynchronous and atomic (orbax writes to a temporary directory and renames it on
-success; temporary directories of a killed run are cleaned up when the next run opens the
-folder), the last ``keep`` are kept, and a run re-started with the same workdir resumes from the
+success; the temporary directories of a killed run are removed when the next run opens the
+folder, which it owns: ``workdir.WorkdirLock``), the last ``keep`` are kept, and a run re-started with the same workdir resumes from the
 newest checkpoint that restores.
 
 Integrity: every save records a fingerprint of each array of the train state in its meta (a
@@ -25,6 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+
+TMP_MARK = ".orbax-checkpoint-tmp"  # orbax writes a step to <step>.orbax-checkpoint-tmp-<n>, then renames it
 
 
 class CheckpointError(RuntimeError):
@@ -110,9 +113,12 @@ class Checkpointer:
     """``writer``: the run that owns the folder (it cleans up temporary directories left by a
     killed run); tools that only read pass False."""
     self.directory = os.path.abspath(directory)
+    if writer and jax.process_index() == 0 and os.path.isdir(self.directory):
+      for name in os.listdir(self.directory):  # unfinished writes of a killed run (never a checkpoint)
+        if TMP_MARK in name:
+          shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep or None, create=writer, enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=writer)
+        max_to_keep=keep or None, create=writer, enable_async_checkpointing=async_save)
     handlers = dict(state=ocp.StandardCheckpointHandler(), meta=ocp.JsonCheckpointHandler(),
                     feed=ocp.StandardCheckpointHandler())
     self._mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)

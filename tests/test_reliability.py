@@ -331,17 +331,18 @@ def test_sigkill_at_random_moments_then_resume_ends_bit_identical(tmp_path):
     for kill in range(2):  # killed twice, then resumed to the end
       proc = _start(where, *extra)
       if trial % 2:  # the moment a checkpoint is being written (orbax's temporary folder exists)
-        writing = lambda: glob.glob(str(where / "checkpoints" / "*.orbax-checkpoint-tmp*"))
+        writing = lambda: glob.glob(str(where / "checkpoints" / f"*{ckpt_lib.TMP_MARK}*"))
         _wait_for(lambda: writing() and _logged_steps(where) > 1 + 10 * kill, proc)
       else:  # a random moment after the first steps
         _wait_for(lambda: _logged_steps(where) > 1 + 10 * kill, proc)
         time.sleep(rng.uniform(0.0, 0.3))
       os.kill(proc.pid, signal.SIGKILL)
       proc.communicate()
-      during_write += bool(glob.glob(str(where / "checkpoints" / "*.orbax-checkpoint-tmp*")))
+      during_write += bool(glob.glob(str(where / "checkpoints" / f"*{ckpt_lib.TMP_MARK}*")))
     proc = _start(where, *extra)
     out, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0 and "done: 40 steps" in out, out
+    assert not glob.glob(str(where / "checkpoints" / f"*{ckpt_lib.TMP_MARK}*"))  # unfinished writes removed
     _assert_same_state(want, _final_state(cfg, where)[1])
     assert [r.get("train/loss") for r in read_metrics(where)] == want_losses, trial
   assert during_write >= 1  # some kills did land during an asynchronous write

@@ -39,6 +39,15 @@ def final_losses(rows):
   return train[-1]["train/loss"], evals[-1]["eval/loss"]
 
 
+def final_set_losses(rows) -> dict:
+  """{name: final eval/<name>/loss} of the run's extra validation sets (``eval.sets``)."""
+  out = {}
+  for r in rows:
+    out |= {k[len("eval/"):-len("/loss")]: v for k, v in r.items()
+            if k.startswith("eval/") and k.endswith("/loss") and k != "eval/loss"}
+  return out
+
+
 def run_all(comparison, workdir: str, quiet: bool = True) -> dict:
   """Trains every run (resuming), returns {(budget, method): [(train, val) per seed]}."""
   from raptr_jax import train as train_lib  # pylint: disable=g-import-not-at-top
@@ -56,7 +65,8 @@ def run_all(comparison, workdir: str, quiet: bool = True) -> dict:
         where = run_dir(workdir, budget, method, seed)
         print(f"== budget {budget:g} {cfg.budget.unit}, {method}, seed {seed}: {where}")
         train_lib.train(cfg, where)
-        results.setdefault((budget, method), []).append(final_losses(read_metrics(where)))
+        rows = read_metrics(where)
+        results.setdefault((budget, method), []).append((*final_losses(rows), final_set_losses(rows)))
   return results
 
 
@@ -81,21 +91,27 @@ def _calibrate_missing(cfg, train_lib):
 
 
 def write_tables(results, workdir: str, unit: str) -> str:
+  """results.csv and results.md: mean +- std over seeds of the final train loss, the final
+  validation loss and each extra validation set's (``eval.sets``), per budget and method."""
+  mean_std = lambda v: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0)
+  sets = sorted({name for finals in results.values() for *_, extra in finals for name in extra})
   rows = []
   for (budget, method), finals in results.items():
-    train, val = np.asarray(finals).T
-    rows.append(dict(budget=budget, unit=unit, method=method, seeds=len(finals),
-                     train_mean=train.mean(), train_std=train.std(ddof=1) if len(train) > 1 else 0.0,
-                     val_mean=val.mean(), val_std=val.std(ddof=1) if len(val) > 1 else 0.0))
+    row = dict(budget=budget, unit=unit, method=method, seeds=len(finals))
+    columns = {"train": [f[0] for f in finals], "val": [f[1] for f in finals]}
+    columns |= {name: [f[2][name] for f in finals if name in f[2]] for name in sets}
+    for name, values in columns.items():
+      row[f"{name}_mean"], row[f"{name}_std"] = mean_std(values) if values else (float("nan"), float("nan"))
+    rows.append(row)
   with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-  lines = [f"| budget ({unit}) | method | seeds | final train loss | final validation loss |",
-           "|---|---|---|---|---|"]
+  header = ["final train loss", "final validation loss"] + [f"final {name} loss" for name in sets]
+  lines = [f"| budget ({unit}) | method | seeds | " + " | ".join(header) + " |", "|---" * (3 + len(header)) + "|"]
   for r in rows:
-    lines.append(f"| {r['budget']:g} | {r['method']} | {r['seeds']} | {r['train_mean']:.4f} +- "
-                 f"{r['train_std']:.4f} | {r['val_mean']:.4f} +- {r['val_std']:.4f} |")
+    cells = [f"{r[f'{c}_mean']:.4f} +- {r[f'{c}_std']:.4f}" for c in ["train", "val", *sets]]
+    lines.append(f"| {r['budget']:g} | {r['method']} | {r['seeds']} | " + " | ".join(cells) + " |")
   text = "\n".join(lines) + "\n"
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(text)

@@ -18,7 +18,9 @@ from raptr_jax.optim import check_optimizer
 from raptr_jax.optim.schedules import check_schedule
 from raptr_jax.plan import UNITS
 
-DATA_SOURCES = ("builtin", "synthetic", "c4", "wikipedia_books", "minipile")
+DATA_SOURCES = ("builtin", "files", "tfds", "synthetic", "c4", "wikipedia_books", "minipile")
+# Fields an extra validation set (eval.sets) may change: where its text comes from, nothing else.
+EVAL_SET_FIELDS = ("source", "files.", "tfds_names", "tfds_text_key", "tfds_splits", "tfds_data_dir")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -41,9 +43,23 @@ def base_config() -> ml_collections.ConfigDict:
       num_decoder_layers=0,            # t5: 0 = num_layers
       select_stacks="both")            # t5: which stacks a method's selection acts on
   c.data = dict(
-      source="builtin",          # builtin | synthetic | c4 | wikipedia_books | minipile
+      source="builtin",          # builtin | files | tfds | synthetic | c4 | wikipedia_books | minipile
+      files=dict(                # source="files" (data/files.py): your own text / JSONL / Parquet / Arrow
+          train="",              # comma-separated paths or globs, local or gs://, e.g. "corpus/*.jsonl.gz"
+          validation="",         # its own files; "" = hold out validation_share of the train documents
+          validation_share=0.01,  # by a hash of the document id (never overlapping the training side)
+          format="auto",         # auto (by extension) | text | jsonl | parquet | arrow
+          field="text",          # jsonl field / parquet or arrow column holding the text
+          documents="line",      # text files: line (a document per line) | paragraph (blank-line
+                                 # separated) | file (a document per file)
+          encoding_errors="strict"),  # strict: non-UTF-8 bytes stop the run | replace: U+FFFD
+      token_cache="",            # tokenized files sources; "" = ~/.cache/raptr_jax/tokens
       tfds_data_dir="",          # prepared tfds datasets (local path or gs://) for real corpora
-      tfds_names=(),             # override the corpus' tfds names, e.g. ("c4/en:3.1.0",)
+      tfds_names=(),             # source=tfds: "name:version" datasets (mixed 1:1); the named corpora:
+                                 # override their tfds names, e.g. ("c4/en:3.1.0",)
+      tfds_text_key="text",      # source=tfds: the text feature
+      tfds_splits=("train", "validation"),  # source=tfds: the tfds splits of our train / validation,
+                                 # e.g. ("train[:99%]", "train[99%:]")
       vocab_path="", extra_ids=100,
       objective="ul2",           # decoder: ul2 | causal_lm; bert: mlm; t5: span_corruption
       denoisers=(), seq_len=256,  # seq_len: row length (t5: encoder input length)
@@ -135,7 +151,9 @@ def base_config() -> ml_collections.ConfigDict:
           time_model="devices"))  # RST charge: devices (K-device critical path, Fig. 2) | single
                                  # (the compiled step as it runs: one device, or mesh.stage = K)
   c.schedule = dict(name="cosine", peak=1e-3, warmup=0.05, final=0.1)
-  c.eval = dict(every=0.25, batches=8, at_start=True)  # every: budget fraction; batches: 0 = whole split
+  c.eval = dict(every=0.25, batches=8, at_start=True,  # every: budget fraction; batches: 0 = whole split
+                sets=())  # more validation sets, each "name:field=value;..." of data fields, logged as
+                          # eval/<name>/loss, e.g. ("shakespeare:source=builtin",)
   c.checkpoint = dict(every=200, keep=2, async_save=True)  # every: steps; 0 = only at the end; keep: the
                                                           # newest kept (>= 2, a fallback; 0 = all)
   c.log = dict(every=10, tensorboard=True, progress_bar=True)
@@ -194,6 +212,25 @@ def validate(cfg) -> None:
         f"data.objective={cfg.data.objective!r} does not train model.family={cfg.model.family!r} "
         f"(it trains with {families[cfg.model.family]})"
         + (f"; {cfg.data.objective!r} is an objective of the {owner[0]!r} family" if owner else ""))
+  if cfg.data.source == "files":
+    from raptr_jax.data import files as files_lib  # pylint: disable=g-import-not-at-top
+    f = cfg.data.files
+    if not str(f.train).strip():
+      raise ValueError("data.source='files' reads data.files.train, which is empty; give paths or globs, "
+                       "e.g. --config.data.files.train='corpus/*.jsonl.gz'")
+    for name, allowed in (("format", files_lib.FORMATS), ("documents", files_lib.DOCUMENTS),
+                          ("encoding_errors", files_lib.ENCODING_ERRORS)):
+      if f[name] not in allowed:
+        raise ValueError(f"data.files.{name} must be one of {allowed}, got {f[name]!r}")
+    if not 0.0 <= f.validation_share < 1.0:
+      raise ValueError(f"data.files.validation_share is the held-out share of the training documents, in "
+                       f"[0, 1), got {f.validation_share}")
+  if cfg.data.source == "tfds" and not cfg.data.tfds_names:
+    raise ValueError("data.source='tfds' reads the datasets in data.tfds_names, which is empty; e.g. "
+                     "--config.data.tfds_names=\"('my_corpus:1.0.0',)\" --config.data.tfds_text_key=text")
+  if len(tuple(cfg.data.tfds_splits)) != 2:
+    raise ValueError(f"data.tfds_splits gives the tfds splits of (train, validation), got {cfg.data.tfds_splits!r}")
+  eval_sets(cfg)  # names and fields of the extra validation sets
   if cfg.data.extra_ids < 0:
     raise ValueError(f"data.extra_ids must be >= 0, got {cfg.data.extra_ids}")
   if cfg.data.batch_size <= 0 or cfg.data.seq_len <= 8:
@@ -229,6 +266,32 @@ def validate(cfg) -> None:
                      f"method.name={cfg.method.name!r} runs with mesh.stage=1 (use mesh.data / fsdp / "
                      "tensor for its devices)")
   method.validate(cfg)
+
+
+def eval_sets(cfg) -> dict:
+  """{name: data section} of the extra validation sets ``eval.sets`` ("name:field=value;...")."""
+  out = {}
+  for item in cfg.eval.sets:
+    name, sep, spec = str(item).partition(":")
+    name = name.strip()
+    if not sep or not name or not all(c.isalnum() or c in "_-." for c in name):
+      raise ValueError(f"eval.sets entry {item!r} is not 'name:field=value;...' (a name of letters, digits, "
+                       "_ - .), e.g. 'shakespeare:source=builtin'")
+    if name in out or name == "loss":
+      raise ValueError(f"eval.sets: the name {name!r} is used twice (or is reserved); give each set its own")
+    data = cfg.data.copy_and_resolve_references()
+    overrides = [o.strip() for o in spec.split(";") if o.strip()]
+    for o in overrides:
+      key = o.partition("=")[0].strip()
+      if not key.startswith(EVAL_SET_FIELDS):
+        raise ValueError(f"eval.sets {name!r}: {key!r} cannot differ from the training data (the model and "
+                         f"objective stay the run's); a set may change {', '.join(EVAL_SET_FIELDS)}")
+    try:
+      apply_overrides(data, overrides)
+    except ValueError as e:
+      raise ValueError(f"eval.sets {name!r}: {e} (fields of the data section, e.g. files.validation=...)") from None
+    out[name] = data
+  return out
 
 
 def apply_overrides(cfg, overrides=()):

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from raptr_jax import checkpoint as ckpt_lib
+from raptr_jax import config as config_lib
 from raptr_jax import flops as flops_lib
 from raptr_jax import metrics as metrics_lib
 from raptr_jax import plan as plan_lib
@@ -64,6 +65,21 @@ def run_meta(cfg, mcfg) -> dict:
   return {"model": mcfg.identity(), "optimizer": cfg.optimizer.name,
           "method": json.dumps(method, sort_keys=True, default=list),
           "batch_size": cfg.data.batch_size, "seq_len": cfg.data.seq_len, "unit": cfg.budget.unit}
+
+
+def eval_key(name: str) -> str:
+  """The metric of validation set ``name``: ``eval/loss`` for the data's own, else
+  ``eval/<name>/loss`` (``eval.sets``)."""
+  return f"eval/{name}/loss" if name else "eval/loss"
+
+
+def evaluate_sets(run, params, eval_batches: dict, stage, fraction: float) -> dict:
+  """{eval key: mean token loss} over every validation set's batches."""
+  return {eval_key(name): evaluate(run, params, batches, stage, fraction) for name, batches in eval_batches.items()}
+
+
+def _eval_text(evals: dict) -> str:
+  return ", ".join(f"{k} {v:.4f}" for k, v in evals.items())
 
 
 def _check_finite(host_metrics, step, fraction, checkpointer):
@@ -102,8 +118,10 @@ def _train(cfg, workdir: str, preemption, lead: bool, checkpointer) -> dict:
   scoring = plan.scoring  # batch selection: the stream yields candidate batches for its scoring passes
   stream = pipeline.build_stream(cfg.data, "train", scoring.rows if scoring else cfg.data.batch_size,
                                  cfg.seed, train=True)
-  val = pipeline.build_stream(cfg.data, "validation", cfg.data.batch_size, cfg.seed, train=False)
-  eval_batches = [b for _, b in zip(range(cfg.eval.batches or 1 << 30), val)]
+  eval_batches = {}  # validation set name ("": data itself, eval/loss) -> its batches
+  for name, data_cfg in ({"": cfg.data} | config_lib.eval_sets(cfg)).items():
+    val = pipeline.build_stream(data_cfg, "validation", cfg.data.batch_size, cfg.seed, train=False)
+    eval_batches[name] = [b for _, b in zip(range(cfg.eval.batches or 1 << 30), val)]
   expected_meta = run_meta(cfg, run.model_cfg)
 
   if lead:
@@ -159,10 +177,10 @@ def _train(cfg, workdir: str, preemption, lead: bool, checkpointer) -> dict:
         feed.state() if feed is not None else None)
 
   if restored is None and cfg.eval.at_start:
-    initial = evaluate(run, state.params, eval_batches, plan.stages[0], 0.0)
-    writer.write(0, {"progress": 0.0, "progress_units": 0.0, "tokens": 0, "eval/loss": initial})
+    initial = evaluate_sets(run, state.params, eval_batches, plan.stages[0], 0.0)
+    writer.write(0, {"progress": 0.0, "progress_units": 0.0, "tokens": 0} | initial)
     if lead:
-      print(f"step 0: eval/loss {initial:.4f}")
+      print(f"step 0: {_eval_text(initial)}")
 
   batches = pipeline.Prefetcher(stream, depth=2)
   feed = run.method.batch_feed(run, batches) if scoring else None
@@ -237,9 +255,10 @@ def _train(cfg, workdir: str, preemption, lead: bool, checkpointer) -> dict:
         row |= run.method.metrics(stage, fraction)
         row |= {k: v for k, v in host.items() if "/" in k}  # namespaced: sophia/*, a method's own
       if do_eval:
-        row["eval/loss"] = evaluate(run, state.params, eval_batches, plan.stages[state_stage], fraction)
+        evals = evaluate_sets(run, state.params, eval_batches, plan.stages[state_stage], fraction)
+        row |= evals
         if lead:
-          bar.write(f"step {step}: eval/loss {row['eval/loss']:.4f} ({fraction:.0%} of the budget)")
+          bar.write(f"step {step}: {_eval_text(evals)} ({fraction:.0%} of the budget)")
         timer.skip()
       if row:
         writer.write(step, row)

@@ -10,9 +10,9 @@
   fields that change what the run computes (model, data, objective, optimizer, schedule, seed,
   method, budget, ...) are refused with the list of differences, unless
   ``train.allow_config_changes=True``, which records them with the step in ``starts.jsonl``.
-  Fields that only change how it is run (logging, checkpoint cadence, eval cadence, the data
-  directory, the mesh and hosts, unless the budget is in RST, whose charges depend on the mesh)
-  may change freely.
+  Fields that only change how it is run or watched (logging, checkpoint and eval cadence, extra
+  validation sets, where data and caches live, the mesh and hosts, unless the budget is in RST,
+  whose charges depend on the mesh) may change freely.
 """
 import datetime
 import json
@@ -21,9 +21,9 @@ import socket
 import sys
 
 # Fields (or sections, ending in ".") that do not change what a run computes.
-HOW_NOT_WHAT = ("log.", "checkpoint.", "eval.every", "eval.at_start", "train.stop_at_step",
+HOW_NOT_WHAT = ("log.", "checkpoint.", "eval.every", "eval.at_start", "eval.sets", "train.stop_at_step",
                 "train.peak_flops", "train.allow_config_changes", "distributed.", "data.tfds_data_dir",
-                "mesh.")
+                "data.token_cache", "mesh.")
 
 
 class WorkdirBusy(RuntimeError):

@@ -63,3 +63,23 @@ def straight_and_resumed(cfg, tmp_path, stop: int, keys):
     for key in keys:
       assert a.get(key) == b.get(key), (a["step"], key)
   return straight
+
+
+def assert_resumes_exactly(build, skip: int, more):
+  """Reads ``skip`` batches of the stream ``build()`` makes, saves its state, reads on (``more``
+  batches, or while ``more(stream, batches_read)``), and checks that a fresh stream set to the
+  saved state yields exactly those batches."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  stream = build()
+  for _ in range(skip):
+    stream.next_batch()
+  state = stream.get_state()
+  want = []
+  while (len(want) < more) if isinstance(more, int) else more(stream, len(want)):
+    want.append(stream.next_batch())
+  resumed = build()
+  resumed.set_state(state)
+  for w in want:
+    got = resumed.next_batch()
+    for k in w:
+      np.testing.assert_array_equal(got[k], w[k])

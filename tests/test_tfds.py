@@ -1,13 +1,13 @@
 """The real-corpus loaders (seqio Tasks over tfds), run offline with tfds.testing.mock_data."""
 import time
 
-import numpy as np
 import pytest
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
 from raptr_jax.config import base_config  # noqa: E402
 from raptr_jax.data import pipeline  # noqa: E402
+from conftest import assert_resumes_exactly  # noqa: E402
 
 
 def data_config(tmp_path, **fields):
@@ -54,17 +54,7 @@ def test_ids_are_stable_under_shuffling_and_the_stream_resumes_exactly(tmp_path)
   with tfds.testing.mock_data(num_examples=40):
     ids = {seed: first_epoch_ids(cfg, seed) for seed in (0, 1)}
     assert ids[0] != ids[1] and set(ids[0]) == set(ids[1])  # other order, same stable ids
-    stream = pipeline.build_stream(cfg, "train", 4, 3, True)
-    for _ in range(5):
-      stream.next_batch()
-    state = stream.get_state()
-    want = [stream.next_batch() for _ in range(4)]
-    other = pipeline.build_stream(cfg, "train", 4, 3, True)
-    other.set_state(state)
-    for w in want:
-      g = other.next_batch()
-      for k in w:
-        np.testing.assert_array_equal(g[k], w[k])
+    assert_resumes_exactly(lambda: pipeline.build_stream(cfg, "train", 4, 3, True), 5, 4)
 
 
 def test_two_part_corpus_interleaves_both_tasks(tmp_path):

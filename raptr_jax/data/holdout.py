@@ -13,10 +13,11 @@ PARTS = ("rest", "holdout")
 SALT = 0x5EEDF00D
 
 
-def holdout_draw(ids) -> np.ndarray:
-  """A uniform [0, 1) number per example id (SplitMix64 of the id), fixed for all time."""
+def holdout_draw(ids, salt: int = SALT) -> np.ndarray:
+  """A uniform [0, 1) number per example id (SplitMix64 of the id xor ``salt``), fixed for all
+  time (another salt: an independent split)."""
   with np.errstate(over="ignore"):
-    z = np.asarray(ids, np.int64).astype(np.uint64) ^ np.uint64(SALT)
+    z = np.asarray(ids, np.int64).astype(np.uint64) ^ np.uint64(salt)
     z = z + np.uint64(0x9E3779B97F4A7C15)
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)

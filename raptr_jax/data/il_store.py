@@ -13,7 +13,6 @@ another number of hosts read the same IL loss for an example. The masks must mat
 store records the data version (``data_version``: corpus, vocabulary, objective, lengths, noise
 seed, holdout split), and a run whose version differs is refused.
 """
-import functools
 import hashlib
 import json
 import os
@@ -21,24 +20,13 @@ import os
 import numpy as np
 
 from raptr_jax.data import pipeline
+from raptr_jax.data.files import content_digest
 from raptr_jax.data.vocab import BUILTIN_MODEL
 
 BUILD_COMMAND = "python -m raptr_jax.il_losses build --config=<this config>"
 _DATA_FIELDS = ("source", "tfds_names", "extra_ids", "objective", "denoisers", "seq_len", "target_len",
                 "noise_density", "mean_noise_span", "mlm_rate", "max_predictions", "resample_noise",
                 "holdout_share")
-
-
-def _file_digest(path: str) -> str:
-  """The file's content hash, read once per process while its size and mtime stay the same."""
-  stamp = (os.path.getmtime(path), os.path.getsize(path)) if os.path.exists(path) else None
-  return _digest(path, stamp)
-
-
-@functools.lru_cache(maxsize=16)
-def _digest(path: str, stamp) -> str:
-  from raptr_jax.data.vocab import _read_bytes  # pylint: disable=g-import-not-at-top  (gs:// paths too)
-  return hashlib.sha256(_read_bytes(path)).hexdigest()[:16]
 
 
 def data_version(cfg) -> tuple[str, dict]:
@@ -48,11 +36,19 @@ def data_version(cfg) -> tuple[str, dict]:
   what = {k: d[k] for k in _DATA_FIELDS}
   what["denoisers"] = [dict(x) for x in d.denoisers]
   what["tfds_names"] = list(d.tfds_names)
+  if d.source == "tfds":
+    what["tfds"] = [d.tfds_text_key, list(d.tfds_splits)]
+  if d.source == "files":  # which files (name, size, modification time) and how they are read
+    from raptr_jax.data import file_source, files  # pylint: disable=g-import-not-at-top
+    what["files"] = d.files.to_dict()
+    what["file_identities"] = [[os.path.basename(p), *files.file_identity(p)[1:]]
+                               for p in files.expand(d.files.train, "data.files.train")]
+    what["read"] = file_source.read_args(d.files)
   what["noise_seed"] = pipeline.noise_seed(d, cfg.seed)
-  what["vocab"] = _file_digest(d.vocab_path or BUILTIN_MODEL)
+  what["vocab"] = content_digest(d.vocab_path or BUILTIN_MODEL)
   if d.source == "builtin":
     from raptr_jax.data import corpus  # pylint: disable=g-import-not-at-top
-    what["corpus"] = _file_digest(os.path.join(corpus.BUILTIN_DIR, "shakespeare_train.jsonl.gz"))
+    what["corpus"] = content_digest(os.path.join(corpus.BUILTIN_DIR, "shakespeare_train.jsonl.gz"))
   digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
   return digest, what
 

@@ -158,7 +158,8 @@ def noise_seed(data_cfg, seed: int) -> int:
 
 def build_stream(data_cfg, split: str, batch_size: int, seed: int, train: bool,
                  holdout_part: str | None = None) -> PackedStream:
-  """The stream a config asks for: the built-in corpus, or a prepared tfds corpus via seqio.
+  """The stream a config asks for: the built-in corpus, your own files (``file_source.py``), or
+  prepared tfds datasets via seqio (``tfds_source.py``).
 
   With ``data.holdout_share > 0`` the training split is cut by example id (``data/holdout.py``)
   and the stream reads the ``data.holdout_part`` side (``holdout_part`` overrides it)."""
@@ -168,6 +169,9 @@ def build_stream(data_cfg, split: str, batch_size: int, seed: int, train: bool,
   if data_cfg.source == "builtin":
     examples = corpus.chunked_examples(split, data_cfg.vocab_path, objective.chunk_length)
     source = ListSource(examples, seed, shuffle=train)
+  elif data_cfg.source == "files":
+    from raptr_jax.data.file_source import FileSource  # pylint: disable=g-import-not-at-top
+    source = FileSource(data_cfg, split, objective.chunk_length, seed, shuffle=train)
   elif data_cfg.source == "synthetic":
     raise ValueError("data.source='synthetic' has no stream; benchmarks make synthetic batches "
                      "(bench/bench_step.py)")
@@ -179,6 +183,20 @@ def build_stream(data_cfg, split: str, batch_size: int, seed: int, train: bool,
     source = HoldoutSplit(source, data_cfg.holdout_share, holdout_part or data_cfg.holdout_part)
   return PackedStream(source, objective, batch_size, seed, repeat=train,
                       noise_seed=noise_seed(data_cfg, seed), resample_noise=data_cfg.resample_noise)
+
+
+def documents(data_cfg, split: str):
+  """The raw text documents of a config's ``split`` (before tokenization and chunking), in
+  corpus order: what a vocabulary is trained on (``raptr_jax.make_vocab``)."""
+  if data_cfg.source == "builtin":
+    return (d["text"] for d in corpus.read_documents(split))
+  if data_cfg.source == "files":
+    from raptr_jax.data import file_source  # pylint: disable=g-import-not-at-top
+    return file_source.texts(data_cfg, split)
+  if data_cfg.source == "synthetic":
+    raise ValueError("data.source='synthetic' has no documents")
+  from raptr_jax.data import tfds_source  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  return tfds_source.texts(data_cfg, split)
 
 
 class Prefetcher:

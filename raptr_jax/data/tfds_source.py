@@ -64,11 +64,19 @@ HOW_TO_PREPARE = {
 
 
 def corpus_parts(data_cfg) -> tuple[Part, ...]:
-  if data_cfg.source not in CORPORA:
-    raise ValueError(f"data.source={data_cfg.source!r} is not a known corpus; use one of "
-                     f"{sorted(CORPORA)} or 'builtin'")
-  parts = CORPORA[data_cfg.source]
   names = tuple(data_cfg.tfds_names or ())
+  if data_cfg.source == "tfds":  # any prepared tfds datasets, mixed 1:1
+    if not names:
+      raise ValueError("data.source='tfds' reads data.tfds_names, which is empty; e.g. ('my_corpus:1.0.0',)")
+    train, validation = tuple(data_cfg.tfds_splits)
+    parts = tuple(Part(n, text_key=data_cfg.tfds_text_key, splits=(("train", train), ("validation", validation)))
+                  for n in names)
+    names = ()
+  elif data_cfg.source not in CORPORA:
+    raise ValueError(f"data.source={data_cfg.source!r} is not a known corpus; use one of "
+                     f"{sorted(CORPORA)}, 'tfds', 'files' or 'builtin'")
+  else:
+    parts = CORPORA[data_cfg.source]
   if names:
     if len(names) != len(parts):
       raise ValueError(f"data.tfds_names gives {len(names)} names but {data_cfg.source} has "
@@ -163,10 +171,34 @@ def _check_prepared(source, part: Part, task, split: str, data_dir: str) -> None
   try:
     task.source.get_dataset(split=split, shuffle=False)
   except Exception as e:  # pylint: disable=broad-except  (tfds raises several kinds)
-    where = data_dir or "the default ~/tensorflow_datasets"
-    raise FileNotFoundError(
-        f"data.source={source!r}: the tfds dataset {part.tfds_name!r} (split {split!r}) is not "
-        f"prepared in data.tfds_data_dir={where!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
-        f"Prepare it once: {HOW_TO_PREPARE[source].replace('DIR', data_dir or '~/tensorflow_datasets')}; "
-        "then set data.tfds_data_dir to that directory (local or gs://). "
-        "The built-in corpus needs nothing: data.source='builtin'.") from None
+    raise _not_prepared(source, part, split, data_dir, e) from None
+
+
+def _not_prepared(source, part: Part, split: str, data_dir: str, e: Exception) -> FileNotFoundError:
+  where = data_dir or "the default ~/tensorflow_datasets"
+  name, _, version = part.tfds_name.partition(":")
+  how = HOW_TO_PREPARE.get(source, f"`tfds build {name}` with --data_dir=DIR (tfds writes DIR/{name}/{version}), "
+                                   "or copy a prepared one there")
+  return FileNotFoundError(
+      f"data.source={source!r}: the tfds dataset {part.tfds_name!r} (split {split!r}) is not "
+      f"prepared in data.tfds_data_dir={where!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+      f"Prepare it once: {how.replace('DIR', data_dir or '~/tensorflow_datasets')}; "
+      "then set data.tfds_data_dir to that directory (local or gs://). "
+      "The built-in corpus needs nothing: data.source='builtin'.")
+
+
+def texts(data_cfg, split: str) -> Iterator[str]:
+  """The raw documents of ``split``, part after part, in tfds order (the vocabulary command
+  trains on them)."""
+  tfds = tf_env.data_stack()[2]
+  from raptr_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top,unused-import  (minipile, bookcorpus)
+  data_dir = data_cfg.tfds_data_dir or None
+  for part in corpus_parts(data_cfg):
+    try:
+      ds = tfds.builder(part.tfds_name, data_dir=data_dir).as_dataset(split=dict(part.splits)[split],
+                                                                      shuffle_files=False)
+    except Exception as e:  # pylint: disable=broad-except
+      raise _not_prepared(data_cfg.source, part, split, data_cfg.tfds_data_dir, e) from None
+    for ex in ds.as_numpy_iterator():
+      text = ex[part.text_key]
+      yield text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)

@@ -36,8 +36,8 @@ class Vocabulary:
     if ids != (PAD_ID, EOS_ID, UNK_ID):
       raise ValueError(
           f"{model_path}: special ids (pad, eos, unk) are {ids}, T5 conventions need (0, 1, 2). "
-          "Train the model with pad_id=0 eos_id=1 unk_id=2 bos_id=-1 "
-          "(see raptr_jax/data/builtin/prepare.py).")
+          "Train one that has them with `python -m raptr_jax.make_vocab --config=... --output=...` "
+          "(or SentencePiece with pad_id=0 eos_id=1 unk_id=2 bos_id=-1).")
 
   @property
   def base_vocab_size(self) -> int:
@@ -57,8 +57,9 @@ class Vocabulary:
     """Id of a user-defined piece such as a UL2 paradigm token; error if absent."""
     i = self._sp.piece_to_id(piece)
     if i == UNK_ID:
-      raise ValueError(f"{self.model_path} has no piece {piece!r}; train it with "
-                       f"user_defined_symbols including {piece!r}.")
+      raise ValueError(f"{self.model_path} has no piece {piece!r}, which the objective needs; train a "
+                       "vocabulary that has it with `python -m raptr_jax.make_vocab` (it adds the UL2 "
+                       f"paradigm tokens), or SentencePiece with user_defined_symbols including {piece!r}.")
     return i
 
   def encode(self, text: str) -> list[int]:

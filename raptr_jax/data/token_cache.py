@@ -1,0 +1,134 @@
+"""A tokenized copy of a set of files, built once and memory-mapped by every run that reads them.
+
+``load_or_build(files, ...)`` reads the documents of ``files`` (``data/files.py``), tokenizes
+them with the run's vocabulary and writes, under ``data.token_cache`` (default
+``~/.cache/raptr_jax/tokens``, or ``$XDG_CACHE_HOME/raptr_jax/tokens``) in a folder named by a
+hash of what decides the result (each file's path, size and modification time, how documents are
+read, the vocabulary's content and extra ids):
+
+* ``tokens.bin``: every document's tokens, end to end (uint16 when the vocabulary fits, else
+  int32), memory-mapped, so a corpus larger than memory costs no RAM;
+* ``documents.npz``: per document its id, its first token and its length; per file its count.
+
+A document's id is a 48-bit BLAKE2 hash of its text (chunk ids add the chunk index, as the tfds
+corpora do): the same text has the same id in any file order, after renaming or splitting files,
+and on every host, and an exact duplicate is one id, so the validation hold-out (by id) can
+never put a copy of a training document in validation. The folder is written under a temporary
+name and renamed into place, so a cache that exists is whole; a changed file gets a new cache.
+"""
+import hashlib
+import json
+import os
+import shutil
+import socket
+
+import numpy as np
+import tqdm
+
+from raptr_jax.data import files as files_lib
+
+VERSION = 1
+ENCODE_BATCH = 256
+
+
+def cache_root(configured: str = "") -> str:
+  if configured:
+    return os.path.expanduser(configured)
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "raptr_jax", "tokens")
+
+
+def document_id(text: str) -> int:
+  """48 bits of BLAKE2b of the text: a document's stable id."""
+  return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=6).digest(), "big")
+
+
+class TokenCache:
+  """The memory-mapped tokens and document table of one cache folder."""
+
+  def __init__(self, path: str):
+    self.path = path
+    with open(os.path.join(path, "meta.json")) as f:
+      self.meta = json.load(f)
+    table = np.load(os.path.join(path, "documents.npz"))
+    self.doc_ids, self.starts, self.lengths = table["ids"], table["starts"], table["lengths"]
+    self.file_docs = table["file_docs"]
+    total = int(self.lengths.sum())
+    self.tokens = (np.memmap(os.path.join(path, "tokens.bin"), dtype=self.meta["dtype"], mode="r", shape=(total,))
+                   if total else np.zeros((0,), self.meta["dtype"]))
+
+  @property
+  def files(self) -> list[str]:
+    return self.meta["files"]
+
+  def document(self, i: int) -> np.ndarray:
+    return self.tokens[self.starts[i]:self.starts[i] + self.lengths[i]]
+
+
+def _key(identities, read_args: dict, vocab) -> str:
+  what = {"version": VERSION, "files": [list(i) for i in identities], "read": read_args,
+          "vocab": files_lib.content_digest(vocab.model_path), "extra_ids": vocab.extra_ids}
+  return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def load_or_build(paths: list[str], read_args: dict, vocab, cache_dir: str = "", what: str = "data.files",
+                  progress: bool = True) -> TokenCache:
+  """The cache of ``paths`` read with ``read_args`` (``files.read_documents``'s options) and
+  tokenized with ``vocab``; built first when missing (``what`` names the config key in errors)."""
+  identities = [files_lib.file_identity(p) for p in paths]
+  root = cache_root(cache_dir)
+  final = os.path.join(root, _key(identities, read_args, vocab))
+  if os.path.exists(os.path.join(final, "meta.json")):
+    return TokenCache(final)
+  os.makedirs(root, exist_ok=True)
+  partial = f"{final}.partial-{socket.gethostname()}-{os.getpid()}"
+  shutil.rmtree(partial, ignore_errors=True)
+  os.makedirs(partial)
+  dtype = np.uint16 if vocab.base_vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
+  ids, lengths, file_docs = [], [], []
+  total_bytes = sum(i[1] for i in identities)
+  bar = tqdm.tqdm(total=total_bytes, unit="B", unit_scale=True, disable=not progress,
+                  desc=f"tokenizing {len(paths)} file(s) of {what} into {final}")
+  try:
+    with open(os.path.join(partial, "tokens.bin"), "wb") as out:
+      for path, identity in zip(paths, identities):
+        count, batch = 0, []
+        for text in files_lib.read_documents(path, **read_args):
+          batch.append(text)
+          if len(batch) == ENCODE_BATCH:
+            count += _write(batch, vocab, dtype, out, ids, lengths)
+            batch = []
+        count += _write(batch, vocab, dtype, out, ids, lengths)
+        if not count:
+          raise ValueError(f"{what}: {path} holds no documents (empty, or only blank lines / empty texts); "
+                           "remove it from the list or check data.files.format / field / documents")
+        file_docs.append(count)
+        bar.update(identity[1])
+  except BaseException:
+    shutil.rmtree(partial, ignore_errors=True)
+    raise
+  finally:
+    bar.close()
+  lengths = np.asarray(lengths, np.int64)
+  starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+  np.savez(os.path.join(partial, "documents.npz"), ids=np.asarray(ids, np.int64), starts=starts,
+           lengths=lengths, file_docs=np.asarray(file_docs, np.int64))
+  with open(os.path.join(partial, "meta.json"), "w") as f:
+    json.dump({"version": VERSION, "files": list(paths), "identities": [list(i) for i in identities],
+               "read": read_args, "vocab": vocab.model_path, "extra_ids": vocab.extra_ids,
+               "dtype": np.dtype(dtype).name, "documents": len(ids), "tokens": int(lengths.sum())}, f, indent=1)
+  try:
+    os.rename(partial, final)
+  except OSError:  # another process (host) finished the same cache first: use theirs
+    shutil.rmtree(partial, ignore_errors=True)
+  return TokenCache(final)
+
+
+def _write(texts, vocab, dtype, out, ids, lengths) -> int:
+  if not texts:
+    return 0
+  for text, tokens in zip(texts, vocab.encode_batch(texts)):
+    np.asarray(tokens, dtype).tofile(out)
+    ids.append(document_id(text))
+    lengths.append(len(tokens))
+  return len(texts)

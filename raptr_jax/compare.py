@@ -1,73 +1,172 @@
-"""Compare methods under one protocol (No Train No Gain): fixed budgets, several seeds.
+"""Compare methods under one protocol (No Train No Gain): fixed budgets, several seeds, and each
+method tuned at the budget first (its Appendix C).
 
     python -m raptr_jax.compare --config=configs/compare_small.py [--workdir=runs/compare_small]
+    python -m raptr_jax.compare --config=configs/tune_ntng.py --workers=2        # 2 runs at once
+    python -m raptr_jax.compare --config=configs/tune_ntng.py --emit=jobs/       # a cluster's jobs
 
-A comparison config (see ``configs/compare_small.py``) names the run config, the methods (each a
-list of ``section.field=value`` overrides), the seeds, the budgets (in the run's budget unit;
-RST by default) and overrides common to every run. Each (budget, method, seed) trains in its own
-folder under the workdir; re-running the command resumes interrupted runs and skips finished
-ones. ``calibrate_missing`` times step kinds absent from the RST table on this device first,
-scaled to the table's reference system through a kind the table has for the same config
-(``rst.calibrate(only_missing=True)``; with none, this device becomes the reference); a method's one-off preparation (``Method.prepare``:
-RHO loss's irreducible-loss store) runs before its first run and is reused after. Outputs in the workdir:
+A comparison config (see ``configs/compare_small.py``) names the run config, the methods, the
+seeds, the budgets (in the run's budget unit; RST by default) and overrides common to every
+run. A method is a list of ``section.field=value`` overrides, or a dict with a ``grid`` and / or
+a random ``search`` of settings (``sweep.py``); ``configs/tune_ntng.py`` holds the paper's
+Appendix C grids. Optional keys: ``selection=dict(final_seeds=[...])`` (re-run each method's
+chosen setting with these seeds too), ``max_runs`` (default 64: a larger sweep needs ``--yes``),
+``calibrate_missing`` (default True).
 
-* ``results.md`` / ``results.csv``: final train and validation loss per method and budget,
-  mean +- std over seeds (like Tables 1-3 of the paper);
-* ``loss_vs_rst_<budget>.png``: training loss (mean over seeds) and validation points against
-  the budget clock per method (like Figure 1); ``loss_vs_steps_<budget>.png`` the same against
-  steps (with the first, interlocking backprop's Figure 7: time-wise and step-wise).
+Before any run starts, every run's config is built and validated (an unknown key stops the
+sweep there), step kinds missing from the RST table are timed on this device and scaled to the
+table's reference system (``rst.calibrate(only_missing=True)``), and each method's one-off
+preparation (``Method.prepare``: RHO loss's IL store) runs. Each (budget, setting, seed) then
+trains in its own folder under the workdir; re-running the command skips finished runs and
+resumes interrupted ones, so a killed sweep continues where it stopped.
+
+Execution: in this process (``--workers=1``), or ``--workers=N`` local worker processes, each
+with devices of its own (``--platform`` cpu: N processes of ``--worker_devices`` fake devices;
+gpu: ``CUDA_VISIBLE_DEVICES``; tpu: this host's chips via ``TPU_VISIBLE_CHIPS``), each worker
+running ``python -m raptr_jax.compare ... --only=<run>``. For many machines ``--emit=DIR`` writes
+that command for every pending run into ``DIR/runs.txt`` and a Slurm job array
+``DIR/slurm.sbatch`` over it (any scheduler that runs one command per job works: Kubernetes
+Indexed Jobs, ``xargs -P``, GNU parallel); run the comparison command again when they are done
+to write the tables (and, with ``final_seeds``, to emit the second phase). RST budgets stay
+comparable however the runs are spread: every run charges the calibrated reference table, not
+its own wall time.
+
+Outputs (``compare_report.py``): ``results.md`` / ``.csv`` (chosen setting per method),
+``all_settings.md`` / ``.csv``, ``loss_vs_<unit>_<budget>.png``, ``loss_vs_steps_<budget>.png``
+and ``tuning_<method>_<budget>.png``.
 """
 import argparse
-import csv
+import ast
+import dataclasses
 import os
+import shlex
+import signal
+import subprocess
 import sys
-
-import numpy as np
+import time
 
 from raptr_jax import rst
+from raptr_jax import sweep
+from raptr_jax.compare_report import (final_losses, final_set_losses, plot_curves, plot_tuning,  # noqa: F401
+                                      write_settings_table, write_tables)
 from raptr_jax.config import load_config
 from raptr_jax.metrics import read_metrics
 
-
-def run_dir(workdir, budget, method, seed):
-  return os.path.join(workdir, f"budget_{budget:g}", method, f"seed_{seed}")
+DEFAULT_MAX_RUNS = 64
 
 
-def final_losses(rows):
-  train = [r for r in rows if "train/loss" in r]
-  evals = [r for r in rows if "eval/loss" in r]
-  return train[-1]["train/loss"], evals[-1]["eval/loss"]
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+  budget: float
+  setting: sweep.Setting
+  seed: int
+
+  @property
+  def key(self) -> str:
+    """The run's folder under the workdir (and its name for ``--only``)."""
+    parts = [f"budget_{self.budget:g}", self.setting.method] + ([self.setting.name] if self.setting.name else [])
+    return "/".join(parts + [f"seed_{self.seed}"])
 
 
-def final_set_losses(rows) -> dict:
-  """{name: final eval/<name>/loss} of the run's extra validation sets (``eval.sets``)."""
-  out = {}
-  for r in rows:
-    out |= {k[len("eval/"):-len("/loss")]: v for k, v in r.items()
-            if k.startswith("eval/") and k.endswith("/loss") and k != "eval/loss"}
-  return out
+def run_dir(workdir, budget, method, seed, setting: str = ""):
+  return os.path.join(workdir, f"budget_{budget:g}", method, *([setting] if setting else []), f"seed_{seed}")
 
 
-def run_all(comparison, workdir: str, quiet: bool = True) -> dict:
-  """Trains every run (resuming), returns {(budget, method): [(train, val) per seed]}."""
+def _duplicate_keys(path: str) -> None:
+  """A dict literal with a key twice keeps only the last one silently (two methods of the same
+  name); refuse that."""
+  with open(path) as f:
+    tree = ast.parse(f.read(), path)
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Dict):
+      keys = [k.value for k in node.keys if isinstance(k, ast.Constant)]
+      twice = sorted({k for k in keys if keys.count(k) > 1}, key=str)
+      if twice:
+        raise ValueError(f"{path}:{node.lineno}: {twice[0]!r} is given twice in one dict (two methods or grid "
+                         "keys of the same name: the first would be dropped silently); rename one")
+
+
+def load_comparison(path: str):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(path):
+    raise ValueError(f"comparison config {path!r} not found")
+  _duplicate_keys(path)
+  spec = importlib.util.spec_from_file_location("comparison", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  comparison = module.get_comparison()
+  for field in ("config", "methods", "seeds", "budgets"):
+    if field not in comparison:
+      raise ValueError(f"comparison config {path} lacks {field!r}")
+  comparison.setdefault("common", [])
+  comparison.setdefault("calibrate_missing", True)
+  comparison.setdefault("selection", {})
+  comparison.setdefault("max_runs", DEFAULT_MAX_RUNS)
+  if not comparison["methods"] or not comparison["seeds"] or not comparison["budgets"]:
+    raise ValueError("a comparison needs at least one method, seed and budget")
+  if any(b <= 0 for b in comparison["budgets"]):
+    raise ValueError(f"budgets must be positive, got {comparison['budgets']}")
+  unknown = set(comparison["selection"]) - {"final_seeds"}
+  if unknown:
+    raise ValueError(f"selection takes final_seeds (the chosen settings' extra seeds), got {sorted(unknown)}")
+  comparison["path"] = path
+  comparison["settings"] = sweep.expand(comparison["methods"])
+  return argparse.Namespace(**comparison)
+
+
+def tuning_runs(comparison) -> list[RunSpec]:
+  return [RunSpec(float(b), s, int(seed)) for b in comparison.budgets for s in comparison.settings
+          for seed in comparison.seeds]
+
+
+def final_runs(comparison, best: dict) -> list[RunSpec]:
+  """The chosen settings' runs with ``selection.final_seeds`` not already run."""
+  extra = [int(s) for s in comparison.selection.get("final_seeds", ()) if s not in comparison.seeds]
+  return [RunSpec(b, s, seed) for (b, _), s in best.items() for seed in extra]
+
+
+def run_config(comparison, spec: RunSpec, quiet: bool = True):
+  cfg = load_config(comparison.config, [*comparison.common, *spec.setting.overrides,
+                                        f"budget.value={spec.budget}", f"seed={spec.seed}"])
+  if quiet:
+    cfg.log.progress_bar = False
+  return cfg
+
+
+def finished(where: str) -> bool:
+  """True when the run in ``where`` has reached its budget (its last logged row)."""
+  try:
+    rows = read_metrics(where)
+  except (OSError, ValueError):
+    return False
+  return bool(rows) and rows[-1].get("progress", 0.0) >= 1.0 - 1e-9 and os.path.isdir(os.path.join(where, "checkpoints"))
+
+
+def preflight(comparison, specs: list[RunSpec], confirm: bool) -> None:
+  """Every run's config built and validated, the size cap, RST calibration of missing step
+  kinds and the methods' preparation: all before any run starts."""
+  configs = []
+  for spec in specs:
+    try:
+      configs.append(run_config(comparison, spec))
+    except ValueError as e:
+      raise ValueError(f"{spec.setting.label}, budget {spec.budget:g}, seed {spec.seed}: {e}") from None
+  if len(specs) > comparison.max_runs and not confirm:
+    raise ValueError(f"this comparison makes {len(specs)} runs, more than max_runs={comparison.max_runs}; "
+                     "pass --yes to run them all, or raise max_runs in the comparison config")
   from raptr_jax import train as train_lib  # pylint: disable=g-import-not-at-top
-  results = {}
-  for budget in comparison.budgets:
-    for method, overrides in comparison.methods.items():
-      for seed in comparison.seeds:
-        cfg = load_config(comparison.config, [*comparison.common, *overrides,
-                                              f"budget.value={budget}", f"seed={seed}"])
-        if quiet:
-          cfg.log.progress_bar = False
-        if cfg.budget.unit.startswith("rst") and comparison.calibrate_missing:
-          _calibrate_missing(cfg, train_lib)
-        prepare(cfg)
-        where = run_dir(workdir, budget, method, seed)
-        print(f"== budget {budget:g} {cfg.budget.unit}, {method}, seed {seed}: {where}")
-        train_lib.train(cfg, where)
-        rows = read_metrics(where)
-        results.setdefault((budget, method), []).append((*final_losses(rows), final_set_losses(rows)))
-  return results
+  seen = set()
+  for cfg in configs:  # once per distinct config: seeds and budget values change no step kind
+    what = cfg.to_dict()
+    what.pop("seed")
+    what["budget"].pop("value")
+    key = repr(what)
+    if key in seen:
+      continue
+    seen.add(key)
+    if cfg.budget.unit.startswith("rst") and comparison.calibrate_missing:
+      _calibrate_missing(cfg, train_lib)
+    prepare(cfg)
 
 
 def prepare(cfg) -> None:
@@ -90,109 +189,218 @@ def _calibrate_missing(cfg, train_lib):
     rst.calibrate(cfg, verbose=False, only_missing=True)
 
 
-def write_tables(results, workdir: str, unit: str) -> str:
-  """results.csv and results.md: mean +- std over seeds of the final train loss, the final
-  validation loss and each extra validation set's (``eval.sets``), per budget and method."""
-  mean_std = lambda v: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0)
-  sets = sorted({name for finals in results.values() for *_, extra in finals for name in extra})
-  rows = []
-  for (budget, method), finals in results.items():
-    row = dict(budget=budget, unit=unit, method=method, seeds=len(finals))
-    columns = {"train": [f[0] for f in finals], "val": [f[1] for f in finals]}
-    columns |= {name: [f[2][name] for f in finals if name in f[2]] for name in sets}
-    for name, values in columns.items():
-      row[f"{name}_mean"], row[f"{name}_std"] = mean_std(values) if values else (float("nan"), float("nan"))
-    rows.append(row)
-  with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-  header = ["final train loss", "final validation loss"] + [f"final {name} loss" for name in sets]
-  lines = [f"| budget ({unit}) | method | seeds | " + " | ".join(header) + " |", "|---" * (3 + len(header)) + "|"]
-  for r in rows:
-    cells = [f"{r[f'{c}_mean']:.4f} +- {r[f'{c}_std']:.4f}" for c in ["train", "val", *sets]]
-    lines.append(f"| {r['budget']:g} | {r['method']} | {r['seeds']} | " + " | ".join(cells) + " |")
-  text = "\n".join(lines) + "\n"
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(text)
-  return text
+def train_one(comparison, spec: RunSpec, workdir: str, quiet: bool = True) -> None:
+  from raptr_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  where = os.path.join(workdir, spec.key)
+  cfg = run_config(comparison, spec, quiet)
+  print(f"== budget {spec.budget:g} {cfg.budget.unit}, {spec.setting.label}, seed {spec.seed}: {where}")
+  train_lib.train(cfg, where)
 
 
-def plot_curves(comparison, workdir: str, unit: str) -> list[str]:
-  """Per budget, training loss (mean over seeds) and validation points per method against the
-  budget clock (``loss_vs_<unit>_<budget>.png``) and, when that clock is not steps, against
-  steps too (``loss_vs_steps_<budget>.png``): a method charged less per step (a cheaper step,
-  or interlocking backprop's K-device time) runs more steps in the same budget."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  axes = [("progress_units", unit)] + ([("step", "steps")] if unit != "steps" else [])
-  paths = []
-  for budget in comparison.budgets:
-    runs = {method: [read_metrics(run_dir(workdir, budget, method, s)) for s in comparison.seeds]
-            for method in comparison.methods}
-    for key, label in axes:
-      fig, ax = plt.subplots(figsize=(7, 4.5))
-      for i, (method, rows_per_seed) in enumerate(runs.items()):
-        color = f"C{i}"
-        x, y = _mean_curve(rows_per_seed, key, "train/loss")
-        ax.plot(x, y, color=color, label=f"{method} (train)")
-        x, y = _mean_curve(rows_per_seed, key, "eval/loss")
-        ax.plot(x, y, "o--", color=color, label=f"{method} (validation)")
-      ax.set_xlabel(label.replace("_", " "))
-      ax.set_ylabel("loss")
-      ax.set_title(f"budget {budget:g} {unit}, mean over {len(comparison.seeds)} seeds")
-      ax.legend(fontsize=8)
-      ax.grid(alpha=0.3)
-      path = os.path.join(workdir, f"loss_vs_{label.split('_')[0]}_{budget:g}.png")
-      fig.tight_layout()
-      fig.savefig(path, dpi=110)
-      plt.close(fig)
-      paths.append(path)
-  return paths
+def _worker_command(comparison, workdir: str, spec: RunSpec) -> list[str]:
+  return [sys.executable, "-m", "raptr_jax.compare", f"--config={comparison.path}", f"--workdir={workdir}",
+          f"--only={spec.key}"]
 
 
-def _mean_curve(rows_per_seed, x_key: str, y_key: str):
-  """The points of ``y_key`` against ``x_key``, averaged over seeds up to the shortest run."""
-  curves = [[(r[x_key], r[y_key]) for r in rows if y_key in r] for rows in rows_per_seed]
-  n = min(len(c) for c in curves)
-  return (np.mean([[x for x, _ in c[:n]] for c in curves], axis=0),
-          np.mean([[y for _, y in c[:n]] for c in curves], axis=0))
+def execute(comparison, specs: list[RunSpec], workdir: str, workers: int = 1, platform: str = "cpu",
+            worker_devices: int = 1, quiet: bool = True) -> None:
+  """Trains the runs of ``specs`` that are not finished: here, or on ``workers`` local worker
+  processes with devices of their own."""
+  pending = []
+  for spec in specs:
+    if finished(os.path.join(workdir, spec.key)):
+      print(f"== {spec.key}: already complete")
+    else:
+      pending.append(spec)
+  if workers <= 1:
+    for spec in pending:
+      train_one(comparison, spec, workdir, quiet)
+    return
+  _pool(comparison, pending, workdir, workers, platform, worker_devices)
 
 
-def load_comparison(path: str):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location("comparison", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  comparison = module.get_comparison()
-  for field in ("config", "methods", "seeds", "budgets"):
-    if field not in comparison:
-      raise ValueError(f"comparison config {path} lacks {field!r}")
-  comparison.setdefault("common", [])
-  comparison.setdefault("calibrate_missing", True)
-  if not comparison["methods"] or not comparison["seeds"] or not comparison["budgets"]:
-    raise ValueError("a comparison needs at least one method, seed and budget")
-  if any(b <= 0 for b in comparison["budgets"]):
-    raise ValueError(f"budgets must be positive, got {comparison['budgets']}")
-  return argparse.Namespace(**comparison)
+def _pool(comparison, pending, workdir, workers, platform, worker_devices) -> None:
+  """Keeps ``workers`` worker processes busy until every run is done; a failed run is reported
+  at the end with its log, the others go on. SIGTERM / SIGINT are passed on to the workers
+  (each checkpoints its run) before this process stops."""
+  queue, running, failed, done = list(pending), {}, [], 0
+  free = list(range(workers))
+
+  def stop(signum, frame):  # pylint: disable=unused-argument
+    for proc, _, _, _ in running.values():
+      proc.send_signal(signal.SIGTERM)
+    for proc, _, _, _ in running.values():
+      proc.wait()
+    sys.exit(f"comparison stopped by {signal.Signals(signum).name}: {len(running)} run(s) checkpointed, "
+             f"{len(queue)} not started; re-run the same command to continue")
+
+  previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    while queue or running:
+      while queue and free:
+        spec, slot = queue.pop(0), free.pop(0)
+        where = os.path.join(workdir, spec.key)
+        os.makedirs(where, exist_ok=True)
+        log = open(os.path.join(where, "worker.log"), "a")  # pylint: disable=consider-using-with
+        env = sweep.worker_env(platform, slot, worker_devices, os.environ) | {"RAPTR_PARENT_PID": str(os.getpid())}
+        proc = subprocess.Popen(_worker_command(comparison, workdir, spec), stdout=log, stderr=subprocess.STDOUT,
+                                env=env)
+        running[proc.pid] = (proc, spec, slot, log)
+        print(f"== worker {slot}: {spec.key} (pid {proc.pid}; log {where}/worker.log)")
+      time.sleep(0.2)
+      for pid, (proc, spec, slot, log) in list(running.items()):
+        if proc.poll() is None:
+          continue
+        log.close()
+        del running[pid]
+        free.append(slot)
+        done += 1
+        if proc.returncode:
+          failed.append(spec)
+          print(f"== worker {slot}: {spec.key} FAILED (exit {proc.returncode}; see its worker.log)")
+        else:
+          print(f"== worker {slot}: {spec.key} done ({done}/{len(pending)})")
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+  if failed:
+    logs = "\n".join(f"  {os.path.join(workdir, s.key, 'worker.log')}" for s in failed)
+    raise ValueError(f"{len(failed)} of {len(pending)} runs failed; their logs:\n{logs}\n"
+                     "fix the cause and re-run the same command (finished runs are skipped)")
+
+
+def _die_with_parent() -> None:
+  """In a worker of ``_pool`` (Linux): SIGTERM when the comparison process dies, even by
+  SIGKILL, so the worker checkpoints and releases its run instead of training on unwatched."""
+  parent = os.environ.get("RAPTR_PARENT_PID")
+  if not parent:
+    return
+  try:
+    import ctypes  # pylint: disable=g-import-not-at-top
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+  except (OSError, AttributeError):  # not Linux: workers outlive a killed parent
+    return
+  if os.getppid() != int(parent):  # it died before the line above
+    sys.exit("the comparison process that started this worker is gone")
+
+
+def emit(comparison, specs: list[RunSpec], workdir: str, folder: str) -> str:
+  """Writes one command per pending run into ``folder/runs.txt`` and a Slurm array over it."""
+  pending = [s for s in specs if not finished(os.path.join(workdir, s.key))]
+  os.makedirs(folder, exist_ok=True)
+  commands = os.path.join(folder, "runs.txt")
+  with open(commands, "w") as f:
+    f.writelines(shlex.join(_worker_command(comparison, workdir, s)) + "\n" for s in pending)
+  with open(os.path.join(folder, "slurm.sbatch"), "w") as f:
+    f.write(f"""#!/bin/bash
+# One array task per run of {comparison.path} ({len(pending)} pending). Submit from the directory
+# the comparison was started in: sbatch {folder}/slurm.sbatch  (add your partition, GPUs, time)
+#SBATCH --array=0-{max(len(pending) - 1, 0)}
+#SBATCH --job-name=raptr-compare
+#SBATCH --output={folder}/slurm-%A_%a.log
+#SBATCH --signal=TERM@120
+cd {shlex.quote(os.getcwd())}
+eval "$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {shlex.quote(commands)})"
+""")
+  print(f"wrote {len(pending)} run command(s) to {commands} and a Slurm array {folder}/slurm.sbatch; when they "
+        "are done, run this comparison again (without --emit) for the tables")
+  return commands
+
+
+def collect(specs: list[RunSpec], workdir: str) -> dict:
+  """{(budget, Setting): [(train, val, sets) per finished seed]}."""
+  results = {}
+  for spec in specs:
+    where = os.path.join(workdir, spec.key)
+    entry = results.setdefault((spec.budget, spec.setting), [])
+    if finished(where):
+      rows = read_metrics(where)
+      entry.append((*final_losses(rows), final_set_losses(rows)))
+  return results
+
+
+def run_all(comparison, workdir: str, quiet: bool = True, workers: int = 1, platform: str = "cpu",
+            worker_devices: int = 1, confirm: bool = False, emit_to: str = ""):
+  """Runs (or emits) every run of both phases that is not finished; returns (results of the
+  chosen settings {(budget, method): finals}, every setting's {(budget, Setting): finals},
+  the chosen {(budget, method): Setting}), or None after ``emit_to`` wrote pending runs."""
+  tune = tuning_runs(comparison)
+  preflight(comparison, tune, confirm)
+  for phase in ("tune", "final"):
+    specs = tune if phase == "tune" else final_runs(comparison, sweep.select_best(collect(tune, workdir),
+                                                                                   comparison.settings))
+    if phase == "final" and specs:
+      preflight(comparison, specs, True)
+    if emit_to and any(not finished(os.path.join(workdir, s.key)) for s in specs):
+      emit(comparison, specs, workdir, os.path.join(emit_to, phase))
+      return None
+    execute(comparison, specs, workdir, workers, platform, worker_devices, quiet)
+  every = collect(tune, workdir)
+  best = sweep.select_best(every, comparison.settings)
+  final = collect(final_runs(comparison, best), workdir)
+  chosen = {(b, m): every[(b, best[(b, m)])] + final.get((b, best[(b, m)]), [])
+            for b in map(float, comparison.budgets) for m in comparison.methods if (b, m) in best}
+  missing = [f"{s.label} at {b:g}" for (b, s), finals in every.items() if not finals]
+  if missing:
+    raise ValueError(f"runs without results: {', '.join(missing[:5])}; re-run the same command")
+  return chosen, every, best
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(prog="python -m raptr_jax.compare", description=__doc__.splitlines()[0])
   parser.add_argument("--config", required=True, help="comparison config, e.g. configs/compare_small.py")
   parser.add_argument("--workdir", default=None, help="default: runs/<comparison name>")
+  parser.add_argument("--workers", type=int, default=1, help="runs at once, each in a worker process of its own")
+  parser.add_argument("--platform", default="", help="the workers' devices: cpu | gpu | tpu (default: this one's)")
+  parser.add_argument("--worker_devices", type=int, default=1, help="devices per worker")
+  parser.add_argument("--emit", default="", help="write the pending runs' commands (and a Slurm array) here")
+  parser.add_argument("--only", default="", help="train only this run (a worker's job)")
+  parser.add_argument("--yes", action="store_true", help="run a sweep larger than max_runs")
   args = parser.parse_args(argv)
   workdir = args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
   try:
     comparison = load_comparison(args.config)
-    results = run_all(comparison, workdir)
-  except ValueError as e:
+    if args.only:
+      specs = {s.key: s for s in tuning_runs(comparison)}
+      specs |= {s.key: s for s in final_runs(comparison, {(b, s.method): s for b in comparison.budgets
+                                                           for s in comparison.settings})}
+      if args.only not in specs:
+        raise ValueError(f"--only={args.only!r} is not a run of {args.config}")
+      _die_with_parent()
+      train_one(comparison, specs[args.only], workdir)
+      return
+    platform = args.platform or _this_platform()
+    out = run_all(comparison, workdir, workers=args.workers, platform=platform, worker_devices=args.worker_devices,
+                  confirm=args.yes, emit_to=args.emit)
+  except (ValueError, OSError, RuntimeError) as e:  # config, data, checkpoint, busy workdir, NaN: one message
     sys.exit(f"error: {e}")
+  if out is None:
+    return
+  chosen, every, best = out
   unit = load_config(comparison.config, comparison.common).budget.unit
-  print(write_tables(results, workdir, unit))
-  for path in plot_curves(comparison, workdir, unit):
+  print(write_tables(chosen, workdir, unit, {k: s.name for k, s in best.items()}))
+  if any(len([s for s in comparison.settings if s.method == m]) > 1 for m in comparison.methods):
+    print(write_settings_table(every, workdir, unit))
+  curves = {b: {m: [read_metrics(os.path.join(workdir, RunSpec(b, best[(b, m)], seed).key))
+                    for seed in _seeds(comparison, best, b, m)] for m in comparison.methods}
+            for b in map(float, comparison.budgets)}
+  paths = plot_curves(curves, workdir, unit, len(comparison.seeds))
+  tuning = {(b, m): [(s.name, [read_metrics(os.path.join(workdir, RunSpec(b, s, seed).key)) for seed in comparison.seeds],
+                      s == best[(b, m)]) for s in comparison.settings if s.method == m]
+            for b in map(float, comparison.budgets) for m in comparison.methods}
+  for path in paths + plot_tuning(tuning, workdir, unit):
     print(f"plot: {path}")
+
+
+def _seeds(comparison, best, budget, method) -> list[int]:
+  return list(comparison.seeds) + [s.seed for s in final_runs(comparison, best) if s.budget == budget
+                                   and s.setting.method == method]
+
+
+def _this_platform() -> str:
+  import jax  # pylint: disable=g-import-not-at-top
+  backend = jax.default_backend()
+  return "gpu" if backend in ("cuda", "rocm") else backend
 
 
 if __name__ == "__main__":

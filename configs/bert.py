@@ -40,6 +40,11 @@ Presets:
 * ``msg``, ``lemon``, ``bert2bert``: RaPTr Table 2's depth-growth comparisons on that BERT-base,
   300k steps, equal stage lengths: MSG 6-9-12 (mask ramp over 5000 steps, MSG's grow_time),
   LEMON 6-9-12 (consecutive zero-output blocks), bert2BERT 3-6-12 (stacking).
+* ``large_mnli`` / ``mnli``: the fine-tuning recipe random-LTD's Appendix D.2 used for MNLI
+  (Megatron's: 10 epochs, batch 128, LR 1e-5; linear warmup over 10% and decay, weight decay
+  0.01 are our choice, the appendix does not give them) on BERT-large / the default model, for
+  ``python -m raptr_jax.evaluate --tasks=finetune_glue`` with GLUE prepared in tfds
+  (``downstream.finetune.tfds_data_dir``).
 * ``large`` / ``random_ltd_large``: random-LTD Section 4.2 / Appendix D.2: BERT-large (24
   layers, d 1024, 16 heads), seq 512, batch 1024, 2M steps, Megatron's BERT recipe (peak 1e-4,
   10k warmup steps, linear decay). random-LTD-2: 128 kept tokens growing by 16 every 38B tokens
@@ -100,7 +105,10 @@ def get_config(preset: str = ""):
       c.method.growth.update(operator=preset, grow_at=(1 / 3, 2 / 3),
                              num_layers=(3, 6, 12) if preset == "bert2bert" else (6, 9, 12),
                              ramp=5000 / 300_000)  # MSG's grow_time: 5000 steps
-  elif preset in ("large", "random_ltd_large"):
+  elif preset == "mnli":  # the default model with random-LTD D.2's MNLI fine-tuning recipe
+    c.downstream.finetune.update(epochs=10.0, batch_size=128, lr=1e-5, warmup=0.1, weight_decay=0.01,
+                                 seq_len=128, glue_task="mnli")
+  elif preset in ("large", "random_ltd_large", "large_mnli"):
     c.model.update(d_model=1024, num_layers=24, num_heads=16, head_dim=64, mlp_dim=4096)
     c.data.update(seq_len=512, batch_size=1024)
     c.budget.unit, c.budget.value = "steps", 2_000_000
@@ -109,6 +117,9 @@ def get_config(preset: str = ""):
     c.eval.update(every=0.01, batches=64)
     c.checkpoint.every = 10_000
     c.log.every = 100
+    if preset == "large_mnli":  # random-LTD D.2 (Megatron's recipe): MNLI 10 epochs, batch 128, LR 1e-5
+      c.downstream.finetune.update(epochs=10.0, batch_size=128, lr=1e-5, warmup=0.1, weight_decay=0.01,
+                                   seq_len=512, glue_task="mnli")
     if preset == "random_ltd_large":  # 24 increments of 16, one per 38B of 512 x 1024 x 2M tokens
       c.method.name = "random_ltd"
       c.method.random_ltd.update(min_value=128, max_value=512, seq_per_step=16, lr="layer_tokens",
@@ -116,7 +127,7 @@ def get_config(preset: str = ""):
   elif preset:
     raise ValueError(f"unknown preset {preset!r} for configs/bert.py; use tiny, tiny_selective_backprop, "
                      "tiny_rho_loss, crammed, crammed_stacking, crammed_selective_backprop, crammed_rho_loss, "
-                     "raptr_base, msg, lemon, bert2bert, large, random_ltd_large or none")
+                     "raptr_base, msg, lemon, bert2bert, large, random_ltd_large, large_mnli, mnli or none")
   return c
 
 

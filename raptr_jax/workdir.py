@@ -23,7 +23,7 @@ import sys
 # Fields (or sections, ending in ".") that do not change what a run computes.
 HOW_NOT_WHAT = ("log.", "checkpoint.", "eval.every", "eval.at_start", "eval.sets", "train.stop_at_step",
                 "train.peak_flops", "train.allow_config_changes", "distributed.", "data.tfds_data_dir",
-                "data.token_cache", "mesh.")
+                "data.token_cache", "downstream.", "mesh.")
 
 
 class WorkdirBusy(RuntimeError):

@@ -153,11 +153,13 @@ def test_a_run_logs_several_named_validation_sets_and_the_comparison_tables_them
   evals = [r for r in rows if "eval/loss" in r]
   assert len(evals) == 3 and all("eval/shakespeare/loss" in r and "eval/plain/loss" in r for r in evals)
   assert out["eval/shakespeare/loss"] != out["eval/loss"]
-  results = {(1.0, "a"): [(5.0, 6.0, {"shakespeare": 7.0, "plain": 8.0}), (5.5, 6.5, {"shakespeare": 7.5, "plain": 9.0})]}
+  results = {(1.0, "a"): [(5.0, 6.0, {"shakespeare loss": 7.0, "plain loss": 8.0}),
+                          (5.5, 6.5, {"shakespeare loss": 7.5, "plain loss": 9.0})]}
   text = compare.write_tables(results, str(tmp_path), "steps")
   assert "| final train loss | final validation loss | final plain loss | final shakespeare loss |" in text
   assert "| 1 | a | 2 | 5.2500 +- 0.3536 | 6.2500 +- 0.3536 | 8.5000 +- 0.7071 | 7.2500 +- 0.3536 |" in text
-  assert compare.final_set_losses(rows) == {"shakespeare": out["eval/shakespeare/loss"], "plain": out["eval/plain/loss"]}
+  assert compare.final_set_losses(rows) == {"shakespeare loss": out["eval/shakespeare/loss"],
+                                            "plain loss": out["eval/plain/loss"]}
   for spec, match in [("shakespeare", "not 'name:field=value"), ("x:seq_len=32", "cannot differ from the training"),
                       ("x:files.nope=1", "unknown config field"), ("loss:source=builtin", "used twice")]:
     cfg.eval.sets = (spec,)

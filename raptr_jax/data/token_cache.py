@@ -25,6 +25,7 @@ import socket
 import numpy as np
 import tqdm
 
+from raptr_jax.cache import cache_path
 from raptr_jax.data import files as files_lib
 
 VERSION = 1
@@ -32,10 +33,7 @@ ENCODE_BATCH = 256
 
 
 def cache_root(configured: str = "") -> str:
-  if configured:
-    return os.path.expanduser(configured)
-  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return os.path.join(base, "raptr_jax", "tokens")
+  return cache_path("tokens", configured)
 
 
 def document_id(text: str) -> int:

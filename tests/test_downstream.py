@@ -240,9 +240,9 @@ def _finetune_cfg(cfg, **fields):
   return cfg
 
 
-@pytest.mark.parametrize("family", ["bert", "ul2"])
+@pytest.mark.parametrize("family", ["bert", "t5", "ul2"])
 def test_fine_tuning_learns_a_trivially_separable_task(family, wheels):
-  run, params = _run("bert" if family == "bert" else "ul2", "tiny", data__batch_size=8)
+  run, params = _run(family, "tiny", data__batch_size=8)
   _finetune_cfg(run.cfg)
   out = finetune.run_task(run, params, "finetune_rt", run.cfg, cache=wheels, progress=False)
   assert out["n"] == 20 and out["train_examples"] == 180 and out["steps"] == 80

@@ -300,6 +300,14 @@ def test_the_evaluate_command_writes_its_tables_and_refuses_bad_input(tmp_path, 
   with pytest.raises(SystemExit) as e:
     evaluate_lib.main(["--config=configs/ul2.py:tiny", f"--workdir={work}", "model.d_model=32"])
   assert "model.d_model: 64 there, 32 here" in str(e.value)
+  from raptr_jax import generate as generate_cli
+  capsys.readouterr()
+  generate_cli.main(["--config=configs/ul2.py:tiny", f"--workdir={work}", "--prompt=ROMEO:", "--max_new_tokens=5",
+                     "--temperature=0.7", "--top_k=5"])
+  assert "--- step 4: 'ROMEO:'\nROMEO:" in capsys.readouterr().out
+  with pytest.raises(SystemExit) as e:
+    generate_cli.main(["--config=configs/ul2.py:tiny", f"--workdir={work}", "--prompt=" + "word " * 80])
+  assert "more than the model's 64-token window" in str(e.value)
   with pytest.raises(ValueError, match="scores continuations, which model.family='bert'"):
     evaluate_lib.parse_tasks("lambada", "bert")
   with pytest.raises(ValueError, match="lambada is a decoder task"):

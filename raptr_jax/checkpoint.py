@@ -12,7 +12,9 @@ caught even where the storage format would read it back without complaint (orbax
 incompressible float data as raw zstd blocks, with no checksum). A checkpoint that cannot be
 read, or reads back different arrays, is *corrupt*: ``restore_latest`` reports its step and
 what failed (the file or the array), moves it aside to ``<workdir>/corrupt_checkpoints/``
-(never deleted) and falls back to the next newest; with none left it stops and changes nothing.
+(never deleted) and falls back to the next newest (every host agreeing on which); with none left
+it stops and changes nothing. A read that fails for a transient reason (storage unavailable, out
+of memory) is not taken for corruption: the run stops and sets nothing aside.
 A checkpoint that reads fine but was written by another config is *foreign*: that is refused
 with the differences, never skipped (``CheckpointError``).
 """
@@ -27,6 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 
+LOOSE = "_loose"  # expected-meta key: {key: sub-fields a restore does not compare}
 TMP_MARK = ".orbax-checkpoint-tmp"  # orbax writes a step to <step>.orbax-checkpoint-tmp-<n>, then renames it
 
 
@@ -51,9 +54,13 @@ def _leaf_fingerprint(x):
     size = x.dtype.itemsize
     bits = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[size])
     bits = bits.astype(jnp.uint32)
-  flat = bits.reshape(-1)
-  weights = jax.lax.iota(jnp.uint32, flat.shape[0]) * jnp.uint32(2) + jnp.uint32(1)
-  return jnp.sum(flat * weights, dtype=jnp.uint32)
+  # The row-major index of every element, from per-axis iotas: no flattening, so an array
+  # sharded over any axis is summed where it lies (a reshape would gather it).
+  index, stride = jnp.zeros(bits.shape, jnp.uint32), 1
+  for axis in reversed(range(bits.ndim)):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis) * jnp.uint32(stride % (1 << 32))
+    stride *= bits.shape[axis]
+  return jnp.sum(bits * (index * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
 
 
 @jax.jit
@@ -74,6 +81,20 @@ def feed_fingerprint(feed: dict) -> int:
   for path, leaf in jax.tree_util.tree_flatten_with_path(feed)[0]:
     crc = zlib.crc32(np.ascontiguousarray(np.asarray(leaf)).tobytes(), zlib.crc32(_path_name(path).encode(), crc))
   return crc
+
+
+# Reading failures that say nothing about the checkpoint itself (storage or memory, now).
+TRANSIENT = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED", "Connection", "Timeout",
+             "timed out", "Stale file handle", "Out of memory", "out of memory")
+
+
+def _unreadable(directory: str, step: int, where: str, e: BaseException) -> CheckpointError:
+  """A corrupt checkpoint, or (for a transient error) an error that sets nothing aside."""
+  what = _first_line_of_cause(e)
+  if any(t in what for t in TRANSIENT):
+    return CheckpointError(f"checkpoint {directory}/{step} could not be read just now ({where}{what}); that looks "
+                           "transient (storage or memory), so nothing was set aside: re-run the same command")
+  return CorruptCheckpoint(directory, step, f"{where}{what}")
 
 
 def _first_line_of_cause(e: BaseException) -> str:
@@ -141,18 +162,26 @@ class Checkpointer:
     items["meta"] = ocp.args.JsonSave(meta)
     self._mngr.save(step, args=ocp.args.Composite(**items))
 
-  def restore_latest(self, abstract_state, expected_meta: dict, feed: bool = False):
+  def restore_latest(self, abstract_state, expected_meta: dict, feed: bool = False, check_meta=None):
     """(step, state, meta, feed or None) of the newest checkpoint that restores, or None when
     there is none. Corrupt ones on the way are reported and moved aside; a foreign one (another
-    config) or none restorable raises ``CheckpointError``."""
+    config) or none restorable raises ``CheckpointError``. ``check_meta(step, meta)`` (optional)
+    sees each candidate's meta before its arrays are read, and may refuse it by raising."""
     steps = sorted(self._mngr.all_steps(), reverse=True)
     corrupt = []
     for step in steps:
+      failed = None
       try:
-        state, meta = self.restore(step, abstract_state, expected_meta)
+        state, meta = self.restore(step, abstract_state, expected_meta, check_meta)
         feed_arrays = self.restore_feed(step, meta) if feed else None
       except CorruptCheckpoint as e:
-        corrupt.append(e)
+        failed = e
+      if jax.process_count() > 1:  # every host takes the same checkpoint (a file one host misreads counts)
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+        if not all(multihost_utils.process_allgather(np.int32(failed is None))) and failed is None:
+          failed = CorruptCheckpoint(self.directory, step, "another host could not read it back as written")
+      if failed is not None:
+        corrupt.append(failed)
         continue
       if corrupt and self.writer:
         self._set_aside(corrupt, step)
@@ -196,25 +225,33 @@ class Checkpointer:
         raise CheckpointError(f"checkpoint {self.directory}/{step} has no batch-selection state; it was "
                               "written by a run of another method. Use a fresh --workdir, or the config "
                               "that wrote it.") from e
-      raise CorruptCheckpoint(self.directory, step, f"feed/: {_first_line_of_cause(e)}") from e
+      raise _unreadable(self.directory, step, "feed/: ", e) from e
     want = (meta or {}).get("feed_fingerprint")
     if want is not None and feed_fingerprint(feed) != want:
       raise CorruptCheckpoint(self.directory, step, "feed/: the batch-selection arrays read back differ "
                               "from those written (a data file was overwritten)")
     return feed
 
-  def restore(self, step: int, abstract_state, expected_meta: dict):
+  def restore(self, step: int, abstract_state, expected_meta: dict, check_meta=None):
     """Restores (state, meta) at ``step`` with the shardings of ``abstract_state``; raises
     ``CorruptCheckpoint`` when it cannot be read back as written, ``CheckpointError`` when it
-    belongs to another config."""
+    belongs to another config (``check_meta(step, meta)`` may refuse it first)."""
     try:
       meta = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
       if not isinstance(meta, dict):
         raise ValueError(f"meta is {type(meta).__name__}, not a JSON object")
     except Exception as e:  # pylint: disable=broad-except
-      raise CorruptCheckpoint(self.directory, step, f"meta/metadata: {_first_line_of_cause(e)}") from e
+      raise _unreadable(self.directory, step, "meta/metadata: ", e) from e
+    if check_meta is not None:
+      check_meta(step, meta)
+    loose = expected_meta.get(LOOSE, {})  # {key: sub-fields that may differ (how a run computes, not what)}
     for key, want in expected_meta.items():
       have = meta.get(key)
+      if key == LOOSE:
+        continue
+      if isinstance(have, dict) and isinstance(want, dict):
+        have = {k: v for k, v in have.items() if k not in loose.get(key, ())}
+        want = {k: v for k, v in want.items() if k not in loose.get(key, ())}
       if have != want:
         if isinstance(have, dict) and isinstance(want, dict):
           diff = {k: (have.get(k), want.get(k)) for k in set(have) | set(want) if have.get(k) != want.get(k)}
@@ -227,7 +264,7 @@ class Checkpointer:
     try:
       saved = self._mngr.item_metadata(step)["state"]
     except Exception as e:  # pylint: disable=broad-except
-      raise CorruptCheckpoint(self.directory, step, f"state/_METADATA: {_first_line_of_cause(e)}") from e
+      raise _unreadable(self.directory, step, "state/_METADATA: ", e) from e
     mismatch = _same_structure(saved, abstract_state) if saved is not None else None
     if mismatch:
       raise CheckpointError(f"checkpoint {self.directory}/{step} does not match this config's model and "
@@ -237,7 +274,7 @@ class Checkpointer:
     try:
       state = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
     except Exception as e:  # pylint: disable=broad-except
-      raise CorruptCheckpoint(self.directory, step, f"state/: {_first_line_of_cause(e)}") from e
+      raise _unreadable(self.directory, step, "state/: ", e) from e
     want = meta.get("fingerprints")
     if want is not None:
       have = fingerprints(state)

@@ -38,6 +38,7 @@ and ``tuning_<method>_<budget>.png``.
 import argparse
 import ast
 import dataclasses
+import json
 import os
 import shlex
 import signal
@@ -125,6 +126,16 @@ def final_runs(comparison, best: dict) -> list[RunSpec]:
   return [RunSpec(b, s, seed) for (b, _), s in best.items() for seed in extra]
 
 
+def every_run(comparison) -> dict[str, RunSpec]:
+  """{key: run} of every run either phase can make: the tuning runs, and each setting at every
+  budget with each final seed (the second phase runs the chosen ones of those)."""
+  runs = {s.key: s for s in tuning_runs(comparison)}
+  for b in comparison.budgets:
+    for setting in comparison.settings:
+      runs |= {r.key: r for r in final_runs(comparison, {(float(b), setting.method): setting})}
+  return runs
+
+
 def run_config(comparison, spec: RunSpec, quiet: bool = True):
   cfg = load_config(comparison.config, [*comparison.common, *spec.setting.overrides,
                                         f"budget.value={spec.budget}", f"seed={spec.seed}"])
@@ -134,7 +145,9 @@ def run_config(comparison, spec: RunSpec, quiet: bool = True):
 
 
 def finished(where: str) -> bool:
-  """True when the run in ``where`` has reached its budget (its last logged row)."""
+  """True when the run in ``where`` has reached its budget (its last logged row) or diverged."""
+  if os.path.exists(os.path.join(where, DIVERGED)):
+    return True
   try:
     rows = read_metrics(where)
   except (OSError, ValueError):
@@ -142,31 +155,48 @@ def finished(where: str) -> bool:
   return bool(rows) and rows[-1].get("progress", 0.0) >= 1.0 - 1e-9 and os.path.isdir(os.path.join(where, "checkpoints"))
 
 
-def preflight(comparison, specs: list[RunSpec], confirm: bool) -> None:
-  """Every run's config built and validated, the size cap, RST calibration of missing step
-  kinds and the methods' preparation: all before any run starts."""
-  configs = []
+def preflight(comparison, specs: list[RunSpec], confirm: bool, workdir: str = "", phase: str = "tune",
+              here: bool = True) -> None:
+  """Every run's config built and validated and the size cap, then RST calibration of missing
+  step kinds and the methods' preparation (``prepare_runs``): all before any run starts; with
+  ``here=False`` (a worker pool, a cluster) the preparation runs in a process of its own, so
+  this one never opens the accelerators its workers need."""
   for spec in specs:
     try:
-      configs.append(run_config(comparison, spec))
+      run_config(comparison, spec)
     except ValueError as e:
       raise ValueError(f"{spec.setting.label}, budget {spec.budget:g}, seed {spec.seed}: {e}") from None
   if len(specs) > comparison.max_runs and not confirm:
     raise ValueError(f"this comparison makes {len(specs)} runs, more than max_runs={comparison.max_runs}; "
                      "pass --yes to run them all, or raise max_runs in the comparison config")
+  if here:
+    prepare_runs(comparison, specs)
+    return
+  cmd = [sys.executable, "-m", "raptr_jax.compare", f"--config={comparison.path}", f"--workdir={workdir}",
+         f"--prepare={phase}"]
+  if subprocess.run(cmd, check=False).returncode:
+    raise ValueError(f"preparing the runs failed (calibration or a method's preparation; its output is above): "
+                     f"{shlex.join(cmd)}")
+
+
+def prepare_runs(comparison, specs: list[RunSpec]) -> None:
+  """RST calibration of missing step kinds (once per config: seeds and budget values change no
+  step kind) and each method's preparation (once per config with its seed and budget: RHO
+  loss's IL store depends on both)."""
   from raptr_jax import train as train_lib  # pylint: disable=g-import-not-at-top
-  seen = set()
-  for cfg in configs:  # once per distinct config: seeds and budget values change no step kind
+  calibrated, prepared = set(), set()
+  for spec in specs:
+    cfg = run_config(comparison, spec)
     what = cfg.to_dict()
+    key = repr(what)
     what.pop("seed")
     what["budget"].pop("value")
-    key = repr(what)
-    if key in seen:
-      continue
-    seen.add(key)
-    if cfg.budget.unit.startswith("rst") and comparison.calibrate_missing:
+    if cfg.budget.unit.startswith("rst") and comparison.calibrate_missing and repr(what) not in calibrated:
+      calibrated.add(repr(what))
       _calibrate_missing(cfg, train_lib)
-    prepare(cfg)
+    if key not in prepared:
+      prepared.add(key)
+      prepare(cfg)
 
 
 def prepare(cfg) -> None:
@@ -189,12 +219,25 @@ def _calibrate_missing(cfg, train_lib):
     rst.calibrate(cfg, verbose=False, only_missing=True)
 
 
+DIVERGED = "diverged.json"  # a run that stopped on non-finite metrics: a result (infinite loss)
+
+
 def train_one(comparison, spec: RunSpec, workdir: str, quiet: bool = True) -> None:
+  """Trains one run; one that diverges (non-finite loss, e.g. a grid's too-high LR) is recorded
+  as diverged (``diverged.json``) and ranks last, instead of stopping the sweep."""
   from raptr_jax import train as train_lib  # pylint: disable=g-import-not-at-top
   where = os.path.join(workdir, spec.key)
   cfg = run_config(comparison, spec, quiet)
   print(f"== budget {spec.budget:g} {cfg.budget.unit}, {spec.setting.label}, seed {spec.seed}: {where}")
-  train_lib.train(cfg, where)
+  try:
+    train_lib.train(cfg, where)
+  except train_lib.TrainingError as e:
+    if "non-finite" not in str(e):
+      raise
+    os.makedirs(where, exist_ok=True)
+    with open(os.path.join(where, DIVERGED), "w") as f:
+      json.dump({"error": str(e)}, f)
+    print(f"== {spec.key}: diverged, counted as an infinite loss (delete {where} to run it again): {e}")
 
 
 def _worker_command(comparison, workdir: str, spec: RunSpec) -> list[str]:
@@ -313,7 +356,9 @@ def collect(specs: list[RunSpec], workdir: str) -> dict:
   for spec in specs:
     where = os.path.join(workdir, spec.key)
     entry = results.setdefault((spec.budget, spec.setting), [])
-    if finished(where):
+    if os.path.exists(os.path.join(where, DIVERGED)):
+      entry.append((float("inf"), float("inf"), {}))
+    elif finished(where):
       rows = read_metrics(where)
       entry.append((*final_losses(rows), final_set_losses(rows)))
   return results
@@ -325,12 +370,13 @@ def run_all(comparison, workdir: str, quiet: bool = True, workers: int = 1, plat
   chosen settings {(budget, method): finals}, every setting's {(budget, Setting): finals},
   the chosen {(budget, method): Setting}), or None after ``emit_to`` wrote pending runs."""
   tune = tuning_runs(comparison)
-  preflight(comparison, tune, confirm)
+  here = workers <= 1 and not emit_to
+  preflight(comparison, tune, confirm, workdir, "tune", here)
   for phase in ("tune", "final"):
     specs = tune if phase == "tune" else final_runs(comparison, sweep.select_best(collect(tune, workdir),
                                                                                    comparison.settings))
     if phase == "final" and specs:
-      preflight(comparison, specs, True)
+      preflight(comparison, specs, True, workdir, "final", here)
     if emit_to and any(not finished(os.path.join(workdir, s.key)) for s in specs):
       emit(comparison, specs, workdir, os.path.join(emit_to, phase))
       return None
@@ -356,20 +402,25 @@ def main(argv=None):
   parser.add_argument("--emit", default="", help="write the pending runs' commands (and a Slurm array) here")
   parser.add_argument("--only", default="", help="train only this run (a worker's job)")
   parser.add_argument("--yes", action="store_true", help="run a sweep larger than max_runs")
+  parser.add_argument("--prepare", default="", choices=("", "tune", "final"), help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   workdir = args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
   try:
     comparison = load_comparison(args.config)
+    if args.prepare:  # a pool's preparation, in a process of its own (the parent holds no device)
+      tune = tuning_runs(comparison)
+      specs = tune if args.prepare == "tune" else final_runs(comparison, sweep.select_best(collect(tune, workdir),
+                                                                                          comparison.settings))
+      prepare_runs(comparison, specs)
+      return
     if args.only:
-      specs = {s.key: s for s in tuning_runs(comparison)}
-      specs |= {s.key: s for s in final_runs(comparison, {(b, s.method): s for b in comparison.budgets
-                                                           for s in comparison.settings})}
+      specs = every_run(comparison)
       if args.only not in specs:
         raise ValueError(f"--only={args.only!r} is not a run of {args.config}")
       _die_with_parent()
       train_one(comparison, specs[args.only], workdir)
       return
-    platform = args.platform or _this_platform()
+    platform = args.platform or (_this_platform() if args.workers > 1 else "cpu")
     out = run_all(comparison, workdir, workers=args.workers, platform=platform, worker_devices=args.worker_devices,
                   confirm=args.yes, emit_to=args.emit)
   except (ValueError, OSError, RuntimeError) as e:  # config, data, checkpoint, busy workdir, NaN: one message
@@ -381,15 +432,20 @@ def main(argv=None):
   print(write_tables(chosen, workdir, unit, {k: s.name for k, s in best.items()}))
   if any(len([s for s in comparison.settings if s.method == m]) > 1 for m in comparison.methods):
     print(write_settings_table(every, workdir, unit))
-  curves = {b: {m: [read_metrics(os.path.join(workdir, RunSpec(b, best[(b, m)], seed).key))
-                    for seed in _seeds(comparison, best, b, m)] for m in comparison.methods}
-            for b in map(float, comparison.budgets)}
+  rows = lambda spec: _rows(os.path.join(workdir, spec.key))
+  curves = {b: {m: [rows(RunSpec(b, best[(b, m)], seed)) for seed in _seeds(comparison, best, b, m)]
+                for m in comparison.methods} for b in map(float, comparison.budgets)}
   paths = plot_curves(curves, workdir, unit, len(comparison.seeds))
-  tuning = {(b, m): [(s.name, [read_metrics(os.path.join(workdir, RunSpec(b, s, seed).key)) for seed in comparison.seeds],
-                      s == best[(b, m)]) for s in comparison.settings if s.method == m]
+  tuning = {(b, m): [(s.name, [rows(RunSpec(b, s, seed)) for seed in comparison.seeds], s == best[(b, m)])
+                     for s in comparison.settings if s.method == m]
             for b in map(float, comparison.budgets) for m in comparison.methods}
   for path in paths + plot_tuning(tuning, workdir, unit):
     print(f"plot: {path}")
+
+
+def _rows(where: str) -> list[dict]:
+  """A run's metrics rows ([] for a run that stopped before logging any)."""
+  return read_metrics(where) if os.path.exists(os.path.join(where, "metrics.jsonl")) else []
 
 
 def _seeds(comparison, best, budget, method) -> list[int]:
@@ -398,8 +454,10 @@ def _seeds(comparison, best, budget, method) -> list[int]:
 
 
 def _this_platform() -> str:
-  import jax  # pylint: disable=g-import-not-at-top
-  backend = jax.default_backend()
+  """This machine's JAX backend, asked of a subprocess (this one must not open the devices)."""
+  out = subprocess.run([sys.executable, "-c", "import jax; print(jax.default_backend())"], capture_output=True,
+                       text=True, check=False)
+  backend = (out.stdout.strip().splitlines() or ["cpu"])[-1]
   return "gpu" if backend in ("cuda", "rocm") else backend
 
 

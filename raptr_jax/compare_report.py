@@ -35,14 +35,25 @@ def final_set_losses(rows) -> dict:
 
 
 def _summary(finals, sets) -> dict:
-  """mean / std over seeds of the train, validation and extra-set losses."""
-  mean_std = lambda v: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0)
+  """mean / std over seeds of the train, validation and extra-set losses (a diverged seed's inf
+  makes the mean inf)."""
   columns = {"train": [f[0] for f in finals], "val": [f[1] for f in finals]}
   columns |= {name: [f[2][name] for f in finals if name in f[2]] for name in sets}
   row = {}
-  for name, values in columns.items():
-    row[f"{name}_mean"], row[f"{name}_std"] = mean_std(values) if values else (float("nan"), float("nan"))
+  with np.errstate(invalid="ignore"):
+    for name, values in columns.items():
+      if not values:
+        row[f"{name}_mean"], row[f"{name}_std"] = float("nan"), float("nan")
+        continue
+      row[f"{name}_mean"] = float(np.mean(values))
+      row[f"{name}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
   return row
+
+
+def _cell(row: dict, column: str) -> str:
+  """mean +- std of a column, or "diverged" where a seed's run stopped on a non-finite loss."""
+  mean, std = row[f"{column}_mean"], row[f"{column}_std"]
+  return "diverged" if mean == float("inf") else f"{mean:.4f} +- {std:.4f}"
 
 
 def _write(workdir: str, stem: str, rows: list[dict], head: list[str], cells) -> str:
@@ -73,7 +84,7 @@ def write_tables(results, workdir: str, unit: str, chosen: dict | None = None) -
           "final validation loss"] + [f"final {name}" for name in sets]
   return _write(workdir, "results", rows, head, lambda r: [
       f"{r['budget']:g}", r["method"], *([r["setting"] or "-"] if chosen else []), str(r["seeds"]),
-      *(f"{r[f'{c}_mean']:.4f} +- {r[f'{c}_std']:.4f}" for c in ["train", "val", *sets])])
+      *(_cell(r, c) for c in ["train", "val", *sets])])
 
 
 def write_settings_table(results, workdir: str, unit: str) -> str:
@@ -87,13 +98,14 @@ def write_settings_table(results, workdir: str, unit: str) -> str:
   rows.sort(key=lambda r: (r["budget"], r["method"], r["val_mean"]))
   head = [f"budget ({unit})", "method", "setting", "seeds", "final train loss", "final validation loss"]
   return _write(workdir, "all_settings", rows, head, lambda r: [
-      f"{r['budget']:g}", r["method"], r["setting"], str(r["seeds"]),
-      f"{r['train_mean']:.4f} +- {r['train_std']:.4f}", f"{r['val_mean']:.4f} +- {r['val_std']:.4f}"])
+      f"{r['budget']:g}", r["method"], r["setting"], str(r["seeds"]), _cell(r, "train"), _cell(r, "val")])
 
 
 def _mean_curve(rows_per_seed, x_key: str, y_key: str):
   """The points of ``y_key`` against ``x_key``, averaged over seeds up to the shortest run."""
-  curves = [[(r[x_key], r[y_key]) for r in rows if y_key in r] for rows in rows_per_seed]
+  curves = [c for c in ([(r[x_key], r[y_key]) for r in rows if y_key in r] for rows in rows_per_seed) if c]
+  if not curves:  # no seed logged this (a run that diverged before)
+    return np.zeros(0), np.zeros(0)
   n = min(len(c) for c in curves)
   return (np.mean([[x for x, _ in c[:n]] for c in curves], axis=0),
           np.mean([[y for _, y in c[:n]] for c in curves], axis=0))

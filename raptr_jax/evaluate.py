@@ -91,7 +91,6 @@ def main(argv=None):
   parser.add_argument("overrides", nargs="*", help="config overrides as section.field=value")
   args = parser.parse_args(argv)
   from raptr_jax.config import load_config  # pylint: disable=g-import-not-at-top
-  from raptr_jax.downstream.fetch import FetchError  # pylint: disable=g-import-not-at-top
   try:
     shots = [int(k) for k in args.shots.split(",") if k.strip()]
     if any(k < 0 for k in shots):
@@ -99,7 +98,7 @@ def main(argv=None):
     cfg = load_config(args.config, args.overrides)
     results = evaluate_checkpoint(cfg, args.workdir, args.tasks, shots, args.limit, args.step,
                                   cfg.downstream.cache_dir, True, args.output)
-  except (ValueError, OSError, KeyError, RuntimeError, FetchError) as e:
+  except (ValueError, OSError, RuntimeError) as e:  # FetchError is an OSError
     sys.exit(f"error: {e}")
   print(markdown(results, f"{args.workdir}"))
   print(f"tables in {args.output or os.path.join(args.workdir, 'downstream')}/results.md and results.json")

@@ -116,7 +116,7 @@ def main(argv=None):
     cfg = load_config(args.config, args.overrides)
     train(cfg, args.output, args.size, args.model_type, args.max_documents, args.input_sentence_size,
           args.max_sentence_length, args.character_coverage)
-  except (ValueError, OSError, KeyError, ImportError) as e:
+  except (ValueError, OSError) as e:
     sys.exit(f"error: {e}")
 
 

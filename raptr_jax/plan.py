@@ -138,7 +138,9 @@ class Plan:
     periods of ``hessian_interval`` steps at once). A stage whose charge varies with the budget
     fraction (progressive layer dropping on the RST or layer-token clock) is stepped one step
     at a time for up to ``EXACT_VARYING_STEPS`` steps and the rest is estimated from the
-    integral of 1 / charge over its fractions; ``exact`` is then False."""
+    integral of 1 / charge over its fractions. ``exact`` is True when the count is the loop's
+    to the step: whole-number charges (steps, tokens) and no estimate; with fractional charges
+    (RST seconds, scoring passes at their expected rate) it may be one step off."""
     h = int(hessian_interval or 0)
     extra = self.scoring.passes_per_step * self.scoring_charge(1) if self.scoring is not None else 0.0
     progress, steps, exact = 0.0, 0, True
@@ -161,7 +163,11 @@ class Plan:
         exact &= stage_exact
       else:
         plain = cost(False, 0.0)
-        progress, steps = _step_constant(progress, steps, h, below, target, plain, cost(True, 0.0) if h else plain)
+        hessian = cost(True, 0.0) if h else plain
+        progress, steps = _step_constant(progress, steps, h, below, target, plain, hessian)
+        # Whole-number charges add up exactly; fractional ones (RST seconds, expected scoring
+        # passes) are summed step by step by the loop and may land one step off the product.
+        exact &= float(plain).is_integer() and float(hessian).is_integer() and not extra
     return steps, exact
 
   def _varies(self, stage: Stage) -> bool:

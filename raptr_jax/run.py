@@ -38,6 +38,7 @@ class Run:
   abstract_state: object
   stage_flops: flops_lib.StageFlops   # model FLOPs of a step of each plan stage
   method: Method
+  tools: dict = dataclasses.field(default_factory=dict)  # per-run objects of tools (a downstream scorer)
 
   def device_batch(self, batch):
     """This host's rows of a global numpy batch as global arrays on the mesh."""

@@ -64,7 +64,11 @@ def run_meta(cfg, mcfg) -> dict:
   method = get_method(cfg.method.name).meta(cfg)
   return {"model": mcfg.identity(), "optimizer": cfg.optimizer.name,
           "method": json.dumps(method, sort_keys=True, default=list),
-          "batch_size": cfg.data.batch_size, "seq_len": cfg.data.seq_len, "unit": cfg.budget.unit}
+          "batch_size": cfg.data.batch_size, "seq_len": cfg.data.seq_len, "unit": cfg.budget.unit,
+          ckpt_lib.LOOSE: {"model": RUN_ONLY_MODEL_FIELDS}}
+
+
+RUN_ONLY_MODEL_FIELDS = ("remat", "attention_impl")  # may change on resume: how the model runs, not what
 
 
 def eval_key(name: str) -> str:
@@ -130,6 +134,9 @@ def _train(cfg, workdir: str, preemption, lead: bool, checkpointer) -> dict:
     val = pipeline.build_stream(data_cfg, "validation", cfg.data.batch_size, cfg.seed, train=False)
     eval_batches[name] = [b for _, b in zip(range(cfg.eval.batches or 1 << 30), val)]
   expected_meta = run_meta(cfg, run.model_cfg)
+  if cfg.downstream.tasks:  # fetch the evaluation data now: a failed fetch stops the run before step 1
+    from raptr_jax.downstream import suite, tasks  # pylint: disable=g-import-not-at-top
+    suite.load(tasks.parse_tasks(cfg.downstream.tasks, cfg.model.family), cfg.downstream.cache_dir)
 
   if lead:
     n_steps, exact = plan.step_count(run.steps.ctx.optimizer.hessian_interval)
@@ -137,10 +144,14 @@ def _train(cfg, workdir: str, preemption, lead: bool, checkpointer) -> dict:
           f"{'' if exact else '~'}{n_steps:,} steps{'' if exact else ' (estimated)'}, "
           f"{len(plan.stages)} stage(s) ({len({st.shape for st in plan.stages})} step shape(s) to "
           f"compile), mesh {dict(mesh.shape)}")
-  latest = checkpointer.latest_step()
-  changes = workdir_lib.check_resume(workdir, cfg, latest) if latest is not None else {}
-  restored = (checkpointer.restore_latest(run.abstract_state, expected_meta, feed=bool(scoring))
-              if latest is not None else None)
+  changes = {}
+
+  def check_config(step, meta):  # against the config that wrote this checkpoint (its meta)
+    changes.clear()
+    changes.update(workdir_lib.check_resume(workdir, cfg, step, meta.get("config")))
+
+  restored = checkpointer.restore_latest(run.abstract_state, expected_meta, feed=bool(scoring),
+                                         check_meta=check_config)
   if restored is None:
     state, progress, step, tokens, wall_before = run.init(), 0.0, 0, 0, 0.0
     usage = {"layers": 0.0, "flops": 0.0, "layer_tokens": 0.0}
@@ -158,7 +169,7 @@ def _train(cfg, workdir: str, preemption, lead: bool, checkpointer) -> dict:
           "the stage boundaries of this run. Resume with the budget that wrote it, or use a fresh --workdir.")
     wall_before = float(meta.get("wall_s", 0.0))
     usage = {"layer_tokens": 0.0} | dict(meta.get("usage", {"layers": 0.0, "flops": 0.0}))
-    stream.set_state(meta["data"])
+    stream.set_state(meta["data"], allow_changed_source=cfg.train.allow_config_changes)
     metrics_rows = meta.get("metrics_rows")
     if lead:
       print(f"resumed from {checkpointer.directory}/{step} at {progress / budget:.1%} of the budget")
@@ -177,10 +188,12 @@ def _train(cfg, workdir: str, preemption, lead: bool, checkpointer) -> dict:
     workdir_lib.record_start(workdir, cfg, step, changes)
   writer.start(None if restored is None else step, metrics_rows)
 
+  config_record = workdir_lib.flat_config(cfg)
+
   def save(step, state, progress, tokens):
     checkpointer.save(step, state, expected_meta | {
         "step": step, "progress": progress, "tokens": tokens, "wall_s": wall(), "usage": dict(usage),
-        "stage": state_stage, "data": batches.get_state(), "metrics_rows": writer.rows},
+        "stage": state_stage, "data": batches.get_state(), "metrics_rows": writer.rows, "config": config_record},
         feed.state() if feed is not None else None)
 
   if restored is None and cfg.eval.at_start:
@@ -273,8 +286,9 @@ def _train(cfg, workdir: str, preemption, lead: bool, checkpointer) -> dict:
       bar.update(charge, step, last.get("train/loss"), last.get("tokens_per_s"))
       if do_save:
         save(step, state, progress, tokens)
-      if preemption.requested(step):
+      if preemption.requested(step) and progress < budget:  # (at the budget the run has just finished)
         if not do_save:
+          _check_finite(jax.device_get(m), step, fraction, checkpointer)  # never save a diverged state
           save(step, state, progress, tokens)
         checkpointer.wait()
         message = (f"{preemption.signal}: checkpoint {checkpointer.directory}/{step} written at step {step} "

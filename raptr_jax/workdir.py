@@ -6,24 +6,27 @@
   blocks its own resume; the owner details in the file are only read to word the message.
 * ``starts.jsonl`` holds one line per (re)start: the step it started from, when, the command
   line and the full resolved config; ``config.json`` is the config of the latest start, for
-  people to read. ``check_resume`` compares a resumed run's config with the latest start's:
+  people to read; every checkpoint's meta holds the config that wrote it. ``check_resume``
+  compares a resumed run's config with that of the checkpoint it restores:
   fields that change what the run computes (model, data, objective, optimizer, schedule, seed,
   method, budget, ...) are refused with the list of differences, unless
   ``train.allow_config_changes=True``, which records them with the step in ``starts.jsonl``.
-  Fields that only change how it is run or watched (logging, checkpoint and eval cadence, extra
-  validation sets, where data and caches live, the mesh and hosts, unless the budget is in RST,
-  whose charges depend on the mesh) may change freely.
+  Fields that only change how it is run or watched (logging, checkpoint and eval cadence and
+  size, extra validation sets, downstream tasks, where data and caches live, rematerialisation
+  and the attention kernel, the mesh and hosts, unless the budget is in RST, whose charges depend
+  on the mesh) may change freely.
 """
 import datetime
+import errno
 import json
 import os
 import socket
 import sys
 
 # Fields (or sections, ending in ".") that do not change what a run computes.
-HOW_NOT_WHAT = ("log.", "checkpoint.", "eval.every", "eval.at_start", "eval.sets", "train.stop_at_step",
+HOW_NOT_WHAT = ("log.", "checkpoint.", "eval.every", "eval.at_start", "eval.sets", "eval.batches", "train.stop_at_step",
                 "train.peak_flops", "train.allow_config_changes", "distributed.", "data.tfds_data_dir",
-                "data.token_cache", "downstream.", "mesh.")
+                "data.token_cache", "downstream.", "mesh.", "model.remat", "model.attention_impl")
 
 
 class WorkdirBusy(RuntimeError):
@@ -53,7 +56,11 @@ class WorkdirLock:
     f = open(self.path, "a+")
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as e:
+      if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # no flock here (some FUSE / Lustre)
+        f.close()
+        print(f"warning: cannot lock {self.path} ({e.strerror}); do not start two runs on this workdir")
+        return self
       f.seek(0)
       owner = f.read().strip()
       f.close()
@@ -115,25 +122,32 @@ def latest_start(workdir: str) -> dict | None:
 
 
 def config_changes(before: dict, now: dict, rst_budget: bool) -> dict:
-  """{field: (before, now)} of the fields whose change changes what the run computes."""
+  """{field: (before, now)} of the fields whose change changes what the run computes; a field
+  one side lacks (a config of another version of the code) counts as its default."""
+  from raptr_jax.config import base_config  # pylint: disable=g-import-not-at-top  (config imports methods)
+  defaults = flat_config(base_config())
   neutral = tuple(f for f in HOW_NOT_WHAT if not (rst_budget and f == "mesh."))
   changes = {}
   for key in sorted(set(before) | set(now)):
     if key.startswith(neutral) or key in neutral:
       continue
-    if before.get(key, "<absent>") != now.get(key, "<absent>"):
-      changes[key] = (before.get(key, "<absent>"), now.get(key, "<absent>"))
+    was, now_value = before.get(key, defaults.get(key, "<absent>")), now.get(key, defaults.get(key, "<absent>"))
+    if was != now_value:
+      changes[key] = (was, now_value)
   return changes
 
 
-def check_resume(workdir: str, cfg, step: int) -> dict:
-  """The computation-changing differences between ``cfg`` and the config that last started
-  this workdir ({} when none were recorded); raises ``ConfigChanged`` unless
+def check_resume(workdir: str, cfg, step: int, recorded: dict | None = None) -> dict:
+  """The computation-changing differences between ``cfg`` and the config that wrote the
+  checkpoint of ``step`` (``recorded``, from its meta; else the latest start in
+  ``starts.jsonl``; {} when neither exists); raises ``ConfigChanged`` unless
   ``train.allow_config_changes``."""
-  previous = latest_start(workdir)
-  if previous is None:
-    return {}
-  changes = config_changes(previous["config"], flat_config(cfg), str(cfg.budget.unit).startswith("rst"))
+  if recorded is None:
+    previous = latest_start(workdir)
+    if previous is None:
+      return {}
+    recorded = previous["config"]
+  changes = config_changes(recorded, flat_config(cfg), str(cfg.budget.unit).startswith("rst"))
   if changes and not cfg.train.allow_config_changes:
     listed = "\n".join(f"  {k}: {a!r} there, {b!r} here" for k, (a, b) in changes.items())
     raise ConfigChanged(

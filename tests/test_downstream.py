@@ -249,6 +249,16 @@ def test_fine_tuning_learns_a_trivially_separable_task(family, wheels):
   assert out["acc"] >= 0.9 > out["chance"] + 0.3, out
 
 
+def test_fine_tuning_refuses_a_set_smaller_than_its_batch_and_empty_contexts_score(wheels):
+  run, params = _run("ul2", "tiny", data__batch_size=8)
+  _finetune_cfg(run.cfg, max_train=4)
+  with pytest.raises(ValueError, match="has 4 examples, fewer than downstream.finetune.batch_size=8"):
+    finetune.run_task(run, params, "finetune_rt", run.cfg, cache=wheels, progress=False)
+  causal, causal_params = _run(data__objective="causal_lm")
+  s = scoring.Scorer(causal, causal_params, rows=2, progress=False).score([("", " the king"), ("the", " king")])
+  assert s["logprob"][0] < 0 and not np.isclose(s["logprob"][0], 0.0)  # conditioned on EOS, not scored as nothing
+
+
 def test_glue_fine_tuning_reads_tfds(tmp_path):
   tfds = pytest.importorskip("tensorflow_datasets")
   with tfds.testing.mock_data(num_examples=16):

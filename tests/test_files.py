@@ -122,10 +122,10 @@ def test_bad_inputs_name_the_file_and_the_fix(tmp_path):
   with pytest.raises(ValueError, match=r"empty.jsonl holds no documents"):
     pipeline.build_stream(cfg.data, "train", 4, 0, True)
   (tmp_path / "nofield.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
-  with pytest.raises(KeyError, match=r"nofield.jsonl:1: no field 'text' \(it has \['body'\]\); set data.files.field"):
+  with pytest.raises(ValueError, match=r"nofield.jsonl:1: no field 'text' \(it has \['body'\]\); set data.files.field"):
     list(files_lib.read_documents(str(tmp_path / "nofield.jsonl")))
   write_corpus(tmp_path / "pq", "parquet", parts=1)
-  with pytest.raises(KeyError, match=r"part0.parquet: no column 'text' \(columns: \['body', 'n'\]\)"):
+  with pytest.raises(ValueError, match=r"part0.parquet: no column 'text' \(columns: \['body', 'n'\]\)"):
     list(files_lib.read_documents(str(tmp_path / "pq" / "part0.parquet")))
   (tmp_path / "latin1.txt").write_bytes("first line\nna\xefve caf\xe9\n".encode("latin-1"))
   with pytest.raises(ValueError, match=r"latin1.txt: bytes at offset 13 are not UTF-8.*encoding_errors='replace'"):

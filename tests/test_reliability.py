@@ -346,3 +346,40 @@ def test_sigkill_at_random_moments_then_resume_ends_bit_identical(tmp_path):
     _assert_same_state(want, _final_state(cfg, where)[1])
     assert [r.get("train/loss") for r in read_metrics(where)] == want_losses, trial
   assert during_write >= 1  # some kills did land during an asynchronous write
+
+
+def test_resume_allows_how_fields_refuses_changed_files_and_fingerprints_any_layout(tiny_config, tmp_path):
+  cfg = tiny_config
+  cfg.budget.value, cfg.checkpoint.every, cfg.train.stop_at_step = 8, 4, 4
+  train_lib.train(cfg, str(tmp_path / "a"))
+  cfg.train.stop_at_step = 0
+  cfg.model.remat, cfg.eval.batches = "dots", 1  # how the model runs / is watched: a resume may change it
+  assert train_lib.train(cfg, str(tmp_path / "a"))["step"] == 8
+  # A files corpus that changes under the same config is refused at the resume.
+  import gzip
+  from raptr_jax.data import corpus
+  folder = tmp_path / "corpus"
+  folder.mkdir()
+  docs = [d["text"] for d in corpus.read_documents("validation")]
+  with gzip.open(folder / "a.jsonl.gz", "wt") as f:
+    f.writelines(json.dumps({"text": t}) + "\n" for t in docs[:20])
+  files = quiet(load_config("ul2", "tiny"))
+  files.data.source, files.data.files.train, files.data.token_cache = "files", str(folder / "*.jsonl.gz"), str(tmp_path / "c")
+  files.data.files.validation_share = 0.25
+  files.budget.value, files.checkpoint.every, files.train.stop_at_step = 8, 4, 4
+  train_lib.train(files, str(tmp_path / "b"))
+  with gzip.open(folder / "b.jsonl.gz", "wt") as f:
+    f.writelines(json.dumps({"text": t}) + "\n" for t in docs[20:30])
+  files.train.stop_at_step = 0
+  with pytest.raises(ValueError, match="the training data changed since this position was saved"):
+    train_lib.train(files, str(tmp_path / "b"))
+  files.train.allow_config_changes = True
+  assert train_lib.train(files, str(tmp_path / "b"))["step"] == 8
+  # Fingerprints: the row-major weighted sum, the same for any array layout.
+  x = {"a": jax.numpy.arange(24, dtype=jax.numpy.float32).reshape(2, 3, 4), "b": jax.numpy.ones((5,), jax.numpy.bfloat16)}
+  bits = np.asarray(jax.lax.bitcast_convert_type(x["a"], jax.numpy.uint32)).astype(np.uint64).reshape(-1)
+  want = int((bits * (2 * np.arange(24, dtype=np.uint64) + 1)).sum() % (1 << 32))
+  assert ckpt_lib.fingerprints(x)["['a']"] == want
+  err = ckpt_lib._unreadable("d", 4, "state/: ", ValueError("UNAVAILABLE: connection reset"))  # pylint: disable=protected-access
+  assert type(err) is ckpt_lib.CheckpointError and "transient" in str(err)
+  assert isinstance(ckpt_lib._unreadable("d", 4, "state/: ", ValueError("OUT_OF_RANGE: x")), ckpt_lib.CorruptCheckpoint)  # pylint: disable=protected-access

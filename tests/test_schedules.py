@@ -103,7 +103,11 @@ def test_closed_form_step_count_equals_the_loop(unit):
   for _ in range(60):
     plan = _random_plan(rng, unit)
     for h in (0, 1, 3, 10):
-      assert plan.step_count(h) == (_simulated_steps(plan, h), True), (plan, h)
+      steps, exact = plan.step_count(h)
+      if unit == "rst_seconds" or (plan.scoring is not None and unit != "steps"):  # fractional: within a step
+        assert abs(steps - _simulated_steps(plan, h)) <= 1 and not exact, (plan, h)
+      else:
+        assert (steps, exact) == (_simulated_steps(plan, h), True), (plan, h)
 
 
 def test_huge_budgets_plan_in_a_few_charges_and_varying_stages_are_estimated(monkeypatch):
@@ -123,7 +127,7 @@ def test_huge_budgets_plan_in_a_few_charges_and_varying_stages_are_estimated(mon
   pld = (plan_lib.Stage("pld", 1.0, layer_fraction=lambda f: 1.0 - 0.5 * f),)
   small = plan_lib.Plan(pld, "rst_seconds", budget=100.0, tokens_per_step=1,
                         step_costs={(("full",), False): 1.0}, layer_cost_share=0.8)
-  assert small.step_count() == (_simulated_steps(small), True)
+  assert small.step_count() == (_simulated_steps(small), True)  # stepped exactly below 20k steps
   huge = dataclasses.replace(small, budget=1e9)
   calls.clear()
   steps, exact = huge.step_count()

@@ -190,3 +190,30 @@ def test_worker_environments_give_each_worker_its_own_devices():
   assert tpu["TPU_VISIBLE_CHIPS"] == "3" and tpu["TPU_CHIPS_PER_PROCESS_BOUNDS"] == "1,1,1"
   with pytest.raises(ValueError, match="1, 2 or 4 chips"):
     sweep.worker_env("tpu", 0, 3, {})
+
+
+def test_a_diverged_setting_ranks_last_and_every_final_run_is_a_worker_job(tmp_path, monkeypatch, capsys):
+  from raptr_jax import train as train_lib
+  path = _comparison(tmp_path, budgets=[0.2], selection={"final_seeds": [1]})
+  comparison = compare.load_comparison(path)
+  keys = set(compare.every_run(comparison))
+  for s in comparison.settings:  # a worker can run any setting's final seed, chosen or not
+    assert compare.RunSpec(0.2, s, 1).key in keys
+  real = train_lib.train
+
+  def diverging(cfg, where):
+    if cfg.schedule.peak == 1e-3 and cfg.optimizer.name == "lion":
+      raise train_lib.TrainingError("non-finite training metrics {'loss': nan} at step 3 (10% of the budget)")
+    return real(cfg, where)
+
+  monkeypatch.setattr(train_lib, "train", diverging)
+  workdir = str(tmp_path / "w")
+  compare.main([f"--config={path}", f"--workdir={workdir}"])
+  out = capsys.readouterr().out
+  assert "diverged, counted as an infinite loss" in out
+  settings = open(os.path.join(workdir, "all_settings.md")).read()
+  lion = [l for l in settings.splitlines() if "| lion |" in l]
+  assert "peak=0.0003" in lion[0] and "peak=0.001" in lion[1] and "diverged" in lion[1]  # last
+  assert "| lion | peak=0.0003 | 2 |" in open(os.path.join(workdir, "results.md")).read()
+  compare.main([f"--config={path}", f"--workdir={workdir}"])  # a diverged run is finished: not re-run
+  assert "budget_0.2/lion/peak=0.001/seed_0: already complete" in capsys.readouterr().out

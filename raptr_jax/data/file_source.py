@@ -12,6 +12,7 @@ Validation: ``data.files.validation`` names its own files; left empty, a share
 document id (never by position), so the two sides never share a document, nor a copy of one,
 whatever the file order, the seed or the number of hosts.
 """
+import os
 from typing import Iterator
 
 import numpy as np
@@ -73,9 +74,11 @@ class FileSource:
       held = holdout_draw(self.cache.doc_ids, salt=VALIDATION_SALT) < f.validation_share
       docs = docs[held] if side == "holdout" else docs[~held]
       if not len(docs):
-        raise ValueError(f"data.files.validation_share={f.validation_share} holds out no document of the "
-                         f"{len(self.cache.doc_ids)} in {key} ({'all' if side == 'rest' else 'none'} of them fell "
-                         "on the other side); raise / lower it, or give data.files.validation files")
+        n = len(self.cache.doc_ids)
+        raise ValueError(f"data.files.validation_share={f.validation_share} holds out "
+                         + (f"none of the {n} documents of {key}; raise it" if side == "holdout" else
+                            f"all {n} documents of {key}, leaving none to train on; lower it")
+                         + ", or give data.files.validation files")
     doc, index, start, length = chunk_table(self.cache.lengths[docs], chunk_length)
     self.ids = self.cache.doc_ids[docs][doc] * corpus.MAX_CHUNKS_PER_DOC + index
     self.offsets = self.cache.starts[docs][doc] + start
@@ -83,6 +86,7 @@ class FileSource:
     if not len(self.ids):
       raise ValueError(f"{key}: no document has {corpus.MIN_CHUNK_TOKENS} tokens or more")
     self.seed, self.shuffle = seed, shuffle
+    self.version = f"files:{os.path.basename(self.cache.path)}"  # the files' identities, for resume checks
 
   def __len__(self) -> int:
     return len(self.ids)

@@ -121,7 +121,7 @@ def _jsonl_documents(f, path: str, field: str, errors: str) -> Iterator[str]:
       raise ValueError(f"{path}:{number}: not a JSON object ({e.msg}); JSONL needs one object per line") from None
     if not isinstance(record, dict) or field not in record:
       fields = sorted(record) if isinstance(record, dict) else type(record).__name__
-      raise KeyError(f"{path}:{number}: no field {field!r} (it has {fields}); set data.files.field")
+      raise ValueError(f"{path}:{number}: no field {field!r} (it has {fields}); set data.files.field")
     text = record[field]
     if not isinstance(text, str):
       raise ValueError(f"{path}:{number}: field {field!r} is {type(text).__name__}, not text")
@@ -134,7 +134,7 @@ def _table_documents(path: str, fmt: str, field: str) -> Iterator[str]:
     import pyarrow as pa  # pylint: disable=g-import-not-at-top
     import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
   except ImportError:
-    raise ImportError(f"{path}: reading {fmt} needs pyarrow (pip install pyarrow, or the data extra)") from None
+    raise ValueError(f"{path}: reading {fmt} needs pyarrow (pip install pyarrow, or the data extra)") from None
   if _remote(path) or path.endswith(".gz"):
     with _open_binary(path) as f:
       buffer = pa.py_buffer(f.read())
@@ -156,7 +156,7 @@ def _table_documents(path: str, fmt: str, field: str) -> Iterator[str]:
   except pa.ArrowInvalid as e:
     raise ValueError(f"{path}: not a {fmt} file ({e})") from None
   if field not in names:
-    raise KeyError(f"{path}: no column {field!r} (columns: {names}); set data.files.field")
+    raise ValueError(f"{path}: no column {field!r} (columns: {names}); set data.files.field")
   for batch in batches():
     for text in batch.column(batch.schema.get_field_index(field)).to_pylist():
       if text and text.strip():

@@ -46,6 +46,7 @@ class HoldoutSplit:
                        "(builtin, the tfds corpora)")
     self.source, self.share, self.part = source, share, part
     self.stable_ids = True
+    self.version = getattr(source, "version", None)
 
   def iterate(self, epoch: int, start: int) -> Iterator[tuple[int, np.ndarray]]:
     want = self.part == "holdout"

@@ -60,9 +60,19 @@ class PackedStream:
     return self.objective.groups[0].length
 
   def get_state(self) -> dict:
-    return {"epoch": int(self.epoch), "cursor": int(self.cursor)}
+    state = {"epoch": int(self.epoch), "cursor": int(self.cursor)}
+    version = getattr(self.source, "version", None)
+    return state | ({"source": version} if version else {})
 
-  def set_state(self, state: dict) -> None:
+  def set_state(self, state: dict, allow_changed_source: bool = False) -> None:
+    """Positions the stream at ``state``; a source whose content changed since (files a
+    ``version`` tells apart, e.g. files added to a glob) is refused unless allowed."""
+    version = getattr(self.source, "version", None)
+    if version and state.get("source", version) != version and not allow_changed_source:
+      raise ValueError(f"the training data changed since this position was saved ({state['source']} there, "
+                       f"{version} here: files were added, removed or edited); resuming would continue at the "
+                       "same position of other data. Restore the files, use a fresh --workdir, or pass "
+                       "--config.train.allow_config_changes=True to continue on the new data")
     self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
     self._iter, self._pending = None, None
 

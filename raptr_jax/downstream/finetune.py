@@ -112,6 +112,9 @@ def _steps(ft, n_train: int) -> int:
 
 def _batches(n: int, batch: int, seed: int):
   """Row indices of each step: seeded epochs of the training set, without replacement."""
+  if n < batch:
+    raise ValueError(f"the fine-tuning set has {n} examples, fewer than downstream.finetune.batch_size={batch}; "
+                     "lower the batch size (or raise downstream.finetune.max_train)")
   epoch = 0
   while True:
     order = np.random.default_rng([seed, epoch]).permutation(n)

@@ -57,6 +57,14 @@ def encode_pair(vocab, context: str, continuation: str) -> tuple[list[int], list
   return ctx, whole[len(ctx):]
 
 
+def _host(arrays):
+  """Row-sharded outputs as numpy on every host (all rows: each host built the whole batch)."""
+  if jax.process_count() == 1:
+    return jax.device_get(arrays)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return multihost_utils.process_allgather(arrays, tiled=True)
+
+
 class Scorer:
   """Continuation log-likelihoods under the full model of a run (``run.setup``) with ``params``."""
 
@@ -103,6 +111,8 @@ class Scorer:
                        "window; raise data.seq_len or shorten it")
     truncated = len(ctx_ids) > room
     ctx_ids = ctx_ids[-room:] if truncated else ctx_ids
+    if not ctx_ids and not self.paradigm:  # nothing to condition on: EOS, as lm-evaluation-harness does
+      ctx_ids = [EOS_ID]
     seq = self.paradigm + list(ctx_ids) + list(cont_ids)
     return seq, (len(self.paradigm) + len(ctx_ids)) if self.paradigm else 0, truncated
 
@@ -172,6 +182,6 @@ class Scorer:
       items = [rows[i] for i in idx]
       shape = shape_of(items)
       batch = self.run.device_batch(make(items, shape))
-      logprob, greedy = jax.device_get(self._fn()(self.params, batch))
+      logprob, greedy = _host(self._fn()(self.params, batch))
       out["logprob"][idx], out["greedy"][idx] = logprob[:len(idx)], greedy[:len(idx)]
     return out

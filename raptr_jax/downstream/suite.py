@@ -11,6 +11,14 @@ def _questions(task: str, cache: str):
   return tasks_lib.load_lambada(cache) if task == "lambada" else tasks_lib.load_ranking(task, cache)
 
 
+def load(names, cache: str = "") -> None:
+  """Fetches and parses the data of the scoring tasks in ``names`` now (a training run calls
+  this before its first step, so a failed fetch stops it there, not at its first eval)."""
+  for task in names:
+    if task not in FINETUNE:
+      _questions(task, cache)
+
+
 def run_tasks(run, params, names, shots=(0,), limit: int = 0, cache: str = "", progress: bool = True,
               finetune_cfg=None) -> dict:
   """{"<task>[_<k>shot]": {metric: value}} of ``names`` for the model of ``run`` with ``params``."""
@@ -22,7 +30,11 @@ def run_tasks(run, params, names, shots=(0,), limit: int = 0, cache: str = "", p
       from raptr_jax.downstream import finetune  # pylint: disable=g-import-not-at-top
       results[task] = finetune.run_task(run, params, task, finetune_cfg, limit=limit, cache=cache, progress=progress)
       continue
-    scorer = scorer or Scorer(run, params, progress=progress)
+    if scorer is None:  # one per run (its compiled buckets serve every eval of a training run)
+      scorer = run.tools.get("downstream_scorer")
+      if scorer is None:
+        scorer = run.tools["downstream_scorer"] = Scorer(run, params, progress=progress)
+      scorer.params, scorer.progress = params, progress
     items = _questions(task, cache)
     items = items[:limit] if limit else items
     if task == "lambada":

@@ -100,13 +100,15 @@ def _run(name="ul2", preset="tiny", **fields):
 
 PAIRS = [("ROMEO: But soft, what light", " through yonder window breaks"), ("JULIET:", " O Romeo, Romeo"),
          ("To be, or not to be: that is", " the question"), ("A", " horse, a horse, my kingdom for a horse!"),
-         (" ".join(["long"] * 200), " end")]  # longer than the window: the context is cut from the left
+         (" ".join(["long"] * 200), " end"),  # longer than the window: the context is cut from the left
+         ("Short:", " " + " ".join(["sea"] * 100))]  # a continuation longer than the window: its last tokens
 
 
 def _reference_decoder(run, params, vocab, context, continuation, paradigm, window):
   """Log-likelihood of one pair, unbatched, from the family module and numpy."""
   from flax import nnx
   ctx_ids, cont_ids = scoring.encode_pair(vocab, context, continuation)
+  cont_ids = cont_ids[-(window - len(paradigm)):]
   room = window + 1 - len(paradigm) - len(cont_ids)
   ctx_ids = ctx_ids[-room:]
   seq = np.asarray(paradigm + ctx_ids + cont_ids, np.int32)
@@ -131,7 +133,7 @@ def test_decoder_scores_equal_an_explicit_numpy_loglikelihood(objective):
     want, greedy = _reference_decoder(run, params, scorer.vocab, c, x, scorer.paradigm, scorer.window)
     assert got["logprob"][i] == pytest.approx(want, rel=1e-4, abs=1e-4), (objective, i)
     assert got["greedy"][i] == greedy
-  assert list(got["truncated"]) == [False, False, False, False, True]
+  assert list(got["truncated"]) == [False, False, False, False, True, True]
   assert got["tokens"][1] == len(scoring.encode_pair(scorer.vocab, *PAIRS[1])[1])
 
 
@@ -141,6 +143,7 @@ def test_t5_scores_the_target_given_the_input():
   scorer = scoring.Scorer(run, params, rows=4, progress=False)
   pairs = PAIRS[:4]
   got = scorer.score(pairs)
+  assert not got["truncated"].any()
   forward = jax.jit(lambda p, enc, dec: nnx.merge(run.steps.ctx.graphdef, p)(enc, dec))
   for i, (c, x) in enumerate(pairs):
     ctx_ids, cont_ids = scoring.encode_pair(scorer.vocab, c, x)

@@ -233,8 +233,8 @@ def finetune_text(run, params, data: Labelled, ft, limit: int, progress: bool) -
       return run.device_batch(scorer.t5_batch(items, *shape))
     items = []
     for i in idx:
-      seq, prefix_len, _ = scorer.decoder_row(*encoded[i])
-      items.append((seq, prefix_len, len(encoded[i][1])))
+      seq, prefix_len, n_cont, _ = scorer.decoder_row(*encoded[i])
+      items.append((seq, prefix_len, n_cont))
     return run.device_batch(scorer.decoder_batch(items, scorer.window))
 
   def loss_fn(p, batch):

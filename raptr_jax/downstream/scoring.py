@@ -16,8 +16,9 @@ to the continuation), so a word split across the boundary is scored as the model
 Rows are one pair each, sorted by length and cut into batches of ``rows`` (a multiple of the
 mesh's data-parallel size), padded to a bucket length (powers of two up to the model's training
 length, ``data.seq_len``), so each bucket compiles once whatever the number of examples. A
-context longer than the window is cut from the left (counted in ``truncated``); a continuation
-that does not fit is an error.
+context longer than the window is cut from the left, and a continuation longer than the whole
+window keeps its last tokens (T5: its first ``target_len``), as lm-evaluation-harness does; both
+are counted in ``truncated``.
 """
 import jax
 import jax.numpy as jnp
@@ -104,17 +105,19 @@ class Scorer:
     return self._jit
 
   def decoder_row(self, ctx_ids, cont_ids):
-    """(sequence, prefix length, truncated) of one decoder row of at most window + 1 tokens."""
+    """(sequence, prefix length, continuation tokens scored, truncated) of one decoder row of at
+    most window + 1 tokens."""
+    keep = self.window - len(self.paradigm)  # at least one context token before the continuation
+    truncated = len(cont_ids) > keep
+    if truncated:  # longer than the window: its last tokens are scored (lm-evaluation-harness does so)
+      cont_ids = cont_ids[-keep:]
     room = self.window + 1 - len(self.paradigm) - len(cont_ids)
-    if room < 1:
-      raise ValueError(f"a continuation of {len(cont_ids)} tokens does not fit the model's {self.window}-token "
-                       "window; raise data.seq_len or shorten it")
-    truncated = len(ctx_ids) > room
+    truncated = truncated or len(ctx_ids) > room
     ctx_ids = ctx_ids[-room:] if truncated else ctx_ids
     if not ctx_ids and not self.paradigm:  # nothing to condition on: EOS, as lm-evaluation-harness does
       ctx_ids = [EOS_ID]
     seq = self.paradigm + list(ctx_ids) + list(cont_ids)
-    return seq, (len(self.paradigm) + len(ctx_ids)) if self.paradigm else 0, truncated
+    return seq, (len(self.paradigm) + len(ctx_ids)) if self.paradigm else 0, len(cont_ids), truncated
 
   def decoder_batch(self, items, length):
     b = self.rows
@@ -159,12 +162,9 @@ class Scorer:
     if self.family == "t5":
       rows = []
       for i, (ctx_ids, cont_ids) in enumerate(encoded):
-        if len(cont_ids) > self.target_window:
-          raise ValueError(f"a continuation of {len(cont_ids)} tokens is longer than the decoder's "
-                           f"{self.target_window}-token window (data.target_len)")
         room = self.window - 1
-        out["truncated"][i] = len(ctx_ids) > room
-        rows.append((list(ctx_ids[-room:]) + [EOS_ID], list(cont_ids)))
+        out["truncated"][i] = len(ctx_ids) > room or len(cont_ids) > self.target_window
+        rows.append((list(ctx_ids[-room:]) + [EOS_ID], list(cont_ids[:self.target_window])))
       shape_of = lambda items: (bucket_of(max(len(e) for e, _ in items), self.window),
                                 bucket_of(max(len(c) for _, c in items), self.target_window))
       make = lambda items, shape: self.t5_batch(items, *shape)
@@ -172,8 +172,8 @@ class Scorer:
     else:
       rows = []
       for i, (ctx_ids, cont_ids) in enumerate(encoded):
-        seq, prefix_len, out["truncated"][i] = self.decoder_row(ctx_ids, cont_ids)
-        rows.append((seq, prefix_len, len(cont_ids)))
+        seq, prefix_len, n_cont, out["truncated"][i] = self.decoder_row(ctx_ids, cont_ids)
+        rows.append((seq, prefix_len, n_cont))
       shape_of = lambda items: (bucket_of(max(len(s) - 1 for s, _, _ in items), self.window),)
       make = lambda items, shape: self.decoder_batch(items, *shape)
       order = np.argsort([len(s) for s, _, _ in rows], kind="stable")

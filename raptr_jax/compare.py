@@ -435,7 +435,7 @@ def main(argv=None):
   rows = lambda spec: _rows(os.path.join(workdir, spec.key))
   curves = {b: {m: [rows(RunSpec(b, best[(b, m)], seed)) for seed in _seeds(comparison, best, b, m)]
                 for m in comparison.methods} for b in map(float, comparison.budgets)}
-  paths = plot_curves(curves, workdir, unit, len(comparison.seeds))
+  paths = plot_curves(curves, workdir, unit)
   tuning = {(b, m): [(s.name, [rows(RunSpec(b, s, seed)) for seed in comparison.seeds], s == best[(b, m)])
                      for s in comparison.settings if s.method == m]
             for b in map(float, comparison.budgets) for m in comparison.methods}

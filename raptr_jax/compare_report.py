@@ -133,7 +133,7 @@ def _save(fig, path: str) -> str:
   return path
 
 
-def plot_curves(curves: dict, workdir: str, unit: str, seeds: int) -> list[str]:
+def plot_curves(curves: dict, workdir: str, unit: str) -> list[str]:
   """Per budget, training loss (mean over seeds) and validation points per method against the
   budget clock (``loss_vs_<unit>_<budget>.png``) and, when that clock is not steps, against
   steps too (``loss_vs_steps_<budget>.png``): a method charged less per step (a cheaper step,
@@ -151,7 +151,8 @@ def plot_curves(curves: dict, workdir: str, unit: str, seeds: int) -> list[str]:
         ax.plot(x, y, color=color, label=f"{method} (train)")
         x, y = _mean_curve(rows_per_seed, key, "eval/loss")
         ax.plot(x, y, "o--", color=color, label=f"{method} (validation)")
-      _finish(ax, label.replace("_", " "), "loss", f"budget {budget:g} {unit}, mean over {seeds} seeds", 8)
+      seeds = max(len(rows) for rows in runs.values())
+      _finish(ax, label.replace("_", " "), "loss", f"budget {budget:g} {unit}, mean over {seeds} seed(s)", 8)
       paths.append(_save(fig, os.path.join(workdir, f"loss_vs_{label.split('_')[0]}_{budget:g}.png")))
   return paths
 
@@ -166,9 +167,10 @@ def plot_tuning(settings_rows: dict, workdir: str, unit: str) -> list[str]:
     if len(entries) < 2:
       continue
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = plt.cm.viridis(np.linspace(0.0, 0.95, len(entries))) if len(entries) > 10 else [f"C{i}" for i in range(10)]
     for i, (name, rows_per_seed, is_best) in enumerate(entries):
       x, y = _mean_curve(rows_per_seed, "progress_units", "eval/loss")
-      ax.plot(x, y, "o-", color=f"C{i % 10}", lw=3 if is_best else 1, label=name + (" (chosen)" if is_best else ""))
+      ax.plot(x, y, "o-", color=colors[i], lw=3 if is_best else 1, label=name + (" (chosen)" if is_best else ""))
     _finish(ax, unit.replace("_", " "), "validation loss", f"{method}: {len(entries)} settings at budget {budget:g} {unit}", 7)
     paths.append(_save(fig, os.path.join(workdir, f"tuning_{method}_{budget:g}.png")))
   return paths

@@ -204,11 +204,12 @@ def finetune_bert(run, params, data: Labelled, ft, limit: int, progress: bool) -
     chunk = test[i:i + rows]
     pred = jax.device_get(predict(tuned, _device(run, _bert_batch(vocab, chunk, seq_len, rows))))[:len(chunk)]
     correct += int(np.sum(pred == np.asarray([y for _, y in chunk])))
-  return {"acc": correct / len(test), "n": len(test), "chance": _majority(data.test), "train_loss": train_loss,
+  return {"acc": correct / len(test), "n": len(test), "chance": _majority(test), "train_loss": train_loss,
           "steps": steps, "train_examples": len(data.train)}
 
 
 def _majority(rows) -> float:
+  """The share of the commonest label: what always guessing it scores."""
   labels = np.asarray([y for _, y in rows])
   return float(np.max(np.bincount(labels)) / len(labels))
 
@@ -247,7 +248,7 @@ def finetune_text(run, params, data: Labelled, ft, limit: int, progress: bool) -
   s = scorer.score([(text, w) for text, _ in test for w in data.words], desc="fine-tuned predictions")
   pred = s["logprob"].reshape(len(test), k).argmax(axis=1)
   acc = float(np.mean(pred == np.asarray([y for _, y in test])))
-  return {"acc": acc, "n": len(test), "chance": _majority(data.test), "train_loss": train_loss, "steps": steps,
+  return {"acc": acc, "n": len(test), "chance": _majority(test), "train_loss": train_loss, "steps": steps,
           "train_examples": len(pairs)}
 
 

@@ -1,6 +1,7 @@
 from setuptools import find_packages, setup
 
 # importlib_resources: tfds needs it (etils.epath) to prepare a builder of our own (data/tfds_builders.py).
+NOTEBOOKS = ["nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29"]
 DATA = ["seqio>=0.0.19", "tensorflow-datasets>=4.9.4", "tensorflow>=2.16", "importlib_resources>=6", "pyarrow>=14"]
 
 setup(
@@ -28,6 +29,8 @@ setup(
         # Real corpora (C4, Wikipedia + BookCorpus, MiniPile) through seqio / tensorflow-datasets.
         "data": DATA,
         # tensorboard: its event reader checks that restarts log each step once (tests only).
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "tensorboard>=2.16", *DATA],
+        # nbclient + ipykernel: the suite runs the notebooks (notebooks/execute.py).
+        "notebooks": NOTEBOOKS,
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "tensorboard>=2.16", *DATA, *NOTEBOOKS],
     },
 )

@@ -31,6 +31,9 @@ to write the tables (and, with ``final_seeds``, to emit the second phase). RST b
 comparable however the runs are spread: every run charges the calibrated reference table, not
 its own wall time.
 
+As a function (a notebook, a script): ``compare.compare(path_or_dict, workdir)`` runs the pending
+runs in this process and returns the ``Report`` (tables, plot paths).
+
 Outputs (``compare_report.py``): ``results.md`` / ``.csv`` (chosen setting per method),
 ``all_settings.md`` / ``.csv``, ``loss_vs_<unit>_<budget>.png``, ``loss_vs_steps_<budget>.png``
 and ``tuning_<method>_<budget>.png``.
@@ -87,7 +90,12 @@ def _duplicate_keys(path: str) -> None:
                          "keys of the same name: the first would be dropped silently); rename one")
 
 
-def load_comparison(path: str):
+def load_comparison(path):
+  """The comparison of a config file's ``get_comparison()``, or of a dict of the same keys
+  (a notebook's; such a comparison runs in this process only: workers and ``--emit`` re-run
+  the comparison command, which needs a file)."""
+  if isinstance(path, dict):
+    return make_comparison(dict(path), "")
   import importlib.util  # pylint: disable=g-import-not-at-top
   if not os.path.exists(path):
     raise ValueError(f"comparison config {path!r} not found")
@@ -95,10 +103,14 @@ def load_comparison(path: str):
   spec = importlib.util.spec_from_file_location("comparison", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  comparison = module.get_comparison()
+  return make_comparison(module.get_comparison(), path)
+
+
+def make_comparison(comparison: dict, path: str):
+  where = path or "the comparison dict"
   for field in ("config", "methods", "seeds", "budgets"):
     if field not in comparison:
-      raise ValueError(f"comparison config {path} lacks {field!r}")
+      raise ValueError(f"{where} lacks {field!r} (a comparison names config, methods, seeds and budgets)")
   comparison.setdefault("common", [])
   comparison.setdefault("calibrate_missing", True)
   comparison.setdefault("selection", {})
@@ -371,6 +383,9 @@ def run_all(comparison, workdir: str, quiet: bool = True, workers: int = 1, plat
   the chosen {(budget, method): Setting}), or None after ``emit_to`` wrote pending runs."""
   tune = tuning_runs(comparison)
   here = workers <= 1 and not emit_to
+  if not here and not comparison.path:
+    raise ValueError("workers > 1 and emit re-run the comparison command on a config file; write the "
+                     "comparison dict into a file's get_comparison() (as configs/compare_small.py) for them")
   preflight(comparison, tune, confirm, workdir, "tune", here)
   for phase in ("tune", "final"):
     specs = tune if phase == "tune" else final_runs(comparison, sweep.select_best(collect(tune, workdir),
@@ -427,11 +442,37 @@ def main(argv=None):
     sys.exit(f"error: {e}")
   if out is None:
     return
+  report = write_report(comparison, workdir, out)
+  print(report.table)
+  if report.settings_table:
+    print(report.settings_table)
+  for path in report.plots:
+    print(f"plot: {path}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+  table: str            # results.md: the chosen setting of each method at each budget
+  settings_table: str   # all_settings.md when a method was tuned ("" otherwise)
+  plots: list[str]      # loss curves, then tuning plots
+  chosen: dict          # {(budget, method): [(train, validation, {set: loss}) per seed]}
+
+
+def compare(comparison, workdir: str, quiet: bool = True, confirm: bool = False) -> Report:
+  """Runs every pending run of ``comparison`` (a config file's path, a dict of its keys, or a
+  loaded comparison) in this process and writes the tables and plots into ``workdir``: the
+  comparison runner as a function (notebooks, scripts). Re-calling it skips finished runs."""
+  if not isinstance(comparison, argparse.Namespace):
+    comparison = load_comparison(comparison)
+  return write_report(comparison, workdir, run_all(comparison, workdir, quiet=quiet, confirm=confirm))
+
+
+def write_report(comparison, workdir: str, out) -> Report:
   chosen, every, best = out
   unit = load_config(comparison.config, comparison.common).budget.unit
-  print(write_tables(chosen, workdir, unit, {k: s.name for k, s in best.items()}))
-  if any(len([s for s in comparison.settings if s.method == m]) > 1 for m in comparison.methods):
-    print(write_settings_table(every, workdir, unit))
+  table = write_tables(chosen, workdir, unit, {k: s.name for k, s in best.items()})
+  tuned = any(len([s for s in comparison.settings if s.method == m]) > 1 for m in comparison.methods)
+  settings_table = write_settings_table(every, workdir, unit) if tuned else ""
   rows = lambda spec: _rows(os.path.join(workdir, spec.key))
   curves = {b: {m: [rows(RunSpec(b, best[(b, m)], seed)) for seed in _seeds(comparison, best, b, m)]
                 for m in comparison.methods} for b in map(float, comparison.budgets)}
@@ -439,8 +480,7 @@ def main(argv=None):
   tuning = {(b, m): [(s.name, [rows(RunSpec(b, s, seed)) for seed in comparison.seeds], s == best[(b, m)])
                      for s in comparison.settings if s.method == m]
             for b in map(float, comparison.budgets) for m in comparison.methods}
-  for path in paths + plot_tuning(tuning, workdir, unit):
-    print(f"plot: {path}")
+  return Report(table, settings_table, paths + plot_tuning(tuning, workdir, unit), chosen)
 
 
 def _rows(where: str) -> list[dict]:

@@ -111,11 +111,12 @@ def _mean_curve(rows_per_seed, x_key: str, y_key: str):
           np.mean([[y for _, y in c[:n]] for c in curves], axis=0))
 
 
-def _pyplot():
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  return plt
+def _figure(**kwargs):
+  """A figure drawn without pyplot: no backend is chosen or switched, so plotting from a
+  notebook (whose inline backend stays) or a headless worker behaves the same."""
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  fig = Figure(**kwargs)
+  return fig, fig.subplots()
 
 
 def _finish(ax, xlabel: str, ylabel: str, title: str, legend_size: int) -> None:
@@ -129,7 +130,6 @@ def _finish(ax, xlabel: str, ylabel: str, title: str, legend_size: int) -> None:
 def _save(fig, path: str) -> str:
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  _pyplot().close(fig)
   return path
 
 
@@ -139,12 +139,11 @@ def plot_curves(curves: dict, workdir: str, unit: str) -> list[str]:
   steps too (``loss_vs_steps_<budget>.png``): a method charged less per step (a cheaper step,
   or interlocking backprop's K-device time) runs more steps in the same budget. ``curves``:
   {budget: {method: [metrics rows per seed]}}."""
-  plt = _pyplot()
   axes = [("progress_units", unit)] + ([("step", "steps")] if unit != "steps" else [])
   paths = []
   for budget, runs in curves.items():
     for key, label in axes:
-      fig, ax = plt.subplots(figsize=(7, 4.5))
+      fig, ax = _figure(figsize=(7, 4.5))
       for i, (method, rows_per_seed) in enumerate(runs.items()):
         color = f"C{i}"
         x, y = _mean_curve(rows_per_seed, key, "train/loss")
@@ -161,13 +160,13 @@ def plot_tuning(settings_rows: dict, workdir: str, unit: str) -> list[str]:
   """``tuning_<method>_<budget>.png``: the validation loss of each setting of a tuned method
   (mean over its seeds) against the budget clock, the chosen one drawn thick.
   ``settings_rows``: {(budget, method): [(setting name, [rows per seed], chosen)]}."""
-  plt = _pyplot()
   paths = []
   for (budget, method), entries in settings_rows.items():
     if len(entries) < 2:
       continue
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    colors = plt.cm.viridis(np.linspace(0.0, 0.95, len(entries))) if len(entries) > 10 else [f"C{i}" for i in range(10)]
+    from matplotlib import colormaps  # pylint: disable=g-import-not-at-top
+    fig, ax = _figure(figsize=(7, 4.5))
+    colors = colormaps["viridis"](np.linspace(0.0, 0.95, len(entries))) if len(entries) > 10 else [f"C{i}" for i in range(10)]
     for i, (name, rows_per_seed, is_best) in enumerate(entries):
       x, y = _mean_curve(rows_per_seed, "progress_units", "eval/loss")
       ax.plot(x, y, "o-", color=colors[i], lw=3 if is_best else 1, label=name + (" (chosen)" if is_best else ""))

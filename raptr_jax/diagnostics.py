@@ -105,11 +105,10 @@ def report(result) -> str:
 
 
 def plot(result, path: str) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top  (no pyplot: no backend switch)
   L = len(result["psi"])
-  fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+  fig = Figure(figsize=(12, 3.4))
+  axes = fig.subplots(1, 3)
   axes[0].plot(range(L + 1), result["norm"], marker="o")
   axes[0].set(title="(b) ||y^(l)||", xlabel="layer l")
   if result["psi_ratio"]:
@@ -119,7 +118,6 @@ def plot(result, path: str) -> None:
   axes[2].set(title=f"(d) L(F_-l) - L(F); gap {result['loss_gap']:+.4f}", xlabel="skipped layer l")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
 def main(argv=None):

@@ -43,6 +43,14 @@ def test_comparison_writes_tables_and_plots_and_resumes(comparison_file, tmp_pat
   capsys.readouterr()
   compare.main([f"--config={comparison_file}", f"--workdir={workdir}"])  # everything is done already
   assert capsys.readouterr().out.count("already complete") == 4
+  # The function of the command (notebooks): the same comparison as a dict, in this process.
+  as_dict = compare.load_comparison(comparison_file)
+  as_dict = {k: getattr(as_dict, k) for k in ("config", "common", "methods", "seeds", "budgets")}
+  report = compare.compare(as_dict, workdir)
+  assert "| 0.3 | stacking | 2 |" in report.table and report.plots[0].endswith("loss_vs_rst_0.3.png")
+  assert set(report.chosen) == {(0.3, "adamw"), (0.3, "stacking")}
+  with pytest.raises(ValueError, match="workers > 1 and emit re-run the comparison command on a config file"):
+    compare.run_all(compare.load_comparison(as_dict), workdir, workers=2)
 
 
 def test_bad_comparisons_are_clear_errors(tmp_path):
@@ -53,3 +61,5 @@ def test_bad_comparisons_are_clear_errors(tmp_path):
   path.write_text("def get_comparison():\n  return dict(config='configs/ul2.py', methods={'a': []}, seeds=[0])\n")
   with pytest.raises(ValueError, match="lacks 'budgets'"):
     compare.load_comparison(str(path))
+  with pytest.raises(ValueError, match="the comparison dict lacks 'seeds'"):
+    compare.load_comparison(dict(config="configs/ul2.py", methods={"a": []}, budgets=[1]))

@@ -9,6 +9,7 @@ import os
 import zipfile
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -231,6 +232,12 @@ def test_generation_with_the_cache_equals_generation_without(objective):
     plain = gen.generate_ids(ids, 12, temperature, top_k, seed=3, use_cache=False)
     assert cached == plain and any(cached), (objective, temperature)
   assert isinstance(generate.generate(run, params, "ROMEO:", 4), str)
+  # The embedding's padding rows past the tokenizer are never drawn, even where they score highest.
+  v, padded = gen.vocab.vocab_size, run.model_cfg.vocab_size
+  assert padded > v
+  logits = jnp.zeros((2, padded)).at[:, v:].set(100.0)
+  for temperature, top_k in ((0.0, 0), (1.0, 0), (1.0, 5)):
+    assert (np.asarray(generate._sample(logits, jax.random.key(0), temperature, top_k, v)) < v).all()
   with pytest.raises(ValueError, match=r"need \d+ positions, more than the model's 64-token window"):
     gen.generate(" ".join(["word"] * 80), 8)
   bert, bert_params = _run("bert", "tiny")

@@ -19,8 +19,10 @@ from raptr_jax.data.vocab import EOS_ID, load_vocabulary
 from raptr_jax.models import embeddings, layers
 
 
-def _sample(logits, key, temperature: float, top_k: int):
-  """[B, V] fp32 logits -> [B] token ids (greedy at temperature 0)."""
+def _sample(logits, key, temperature: float, top_k: int, vocab_size: int):
+  """[B, V] fp32 logits -> [B] token ids (greedy at temperature 0); the rows past the
+  tokenizer's ``vocab_size`` (the embedding's padding to a multiple of 128) are never drawn."""
+  logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, -jnp.inf)
   if temperature <= 0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = logits / temperature
@@ -134,7 +136,7 @@ class Generator:
     out = [[] for _ in seqs]
     for t in range(n):
       nxt = jax.device_get(_sample(logits_at(self.params, tokens, lengths, prefix_len), jax.random.fold_in(key, t),
-                                   temperature, top_k))
+                                   temperature, top_k, self.vocab.vocab_size))
       for r in range(b):
         tokens[r, lengths[r]] = nxt[r]
         out[r].append(int(nxt[r]))
@@ -167,14 +169,14 @@ class Generator:
     mask = ((causal | bidir) & valid[:, None, :])[:, None]
     logits, cache = _forward(cfg, params, tokens, pos, cache, pos, mask)
     last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
-    first = _sample(last, jax.random.fold_in(key, 0), temperature, top_k)
+    first = _sample(last, jax.random.fold_in(key, 0), temperature, top_k, self.vocab.vocab_size)
 
     def step(carry, t):
       token, length, cache = carry  # ``token`` sits at position ``length``
       keys = jnp.arange(w)[None, :] <= length[:, None]
       logits, cache = _forward(cfg, params, token[:, None], length[:, None], cache, length[:, None],
                                keys[:, None, None, :])
-      nxt = _sample(logits[:, 0], jax.random.fold_in(key, t), temperature, top_k)
+      nxt = _sample(logits[:, 0], jax.random.fold_in(key, t), temperature, top_k, self.vocab.vocab_size)
       return (nxt, length + 1, cache), nxt
 
     _, rest = jax.lax.scan(step, (first, lengths, cache), jnp.arange(1, n))
@@ -200,7 +202,8 @@ class Generator:
 
     out = [[] for _ in ids]
     for t in range(n):
-      nxt = jax.device_get(_sample(next_logits(self.params, dec, t), jax.random.fold_in(key, t), temperature, top_k))
+      nxt = jax.device_get(_sample(next_logits(self.params, dec, t), jax.random.fold_in(key, t), temperature, top_k,
+                                   self.vocab.vocab_size))
       dec[:, t + 1] = nxt
       for r in range(b):
         out[r].append(int(nxt[r]))

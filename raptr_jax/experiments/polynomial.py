@@ -196,12 +196,11 @@ def table(results, max_degree: int) -> str:
 
 
 def plot(results, path: str) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top  (no pyplot: no backend switch)
   k = len(results[0]["curve"]["degree_error"][0])
   degrees = sorted({1, max(1, k // 3), max(1, k // 2), k})
-  fig, axes = plt.subplots(1, 2 + len(degrees), figsize=(4 * (2 + len(degrees)), 3.4))
+  fig = Figure(figsize=(4 * (2 + len(degrees)), 3.4))
+  axes = fig.subplots(1, 2 + len(degrees))
   colors = {"baseline": "black", "raptr": "tab:blue", "pld": "tab:red"}
   for r in results:
     col, steps = colors.get(r["method"]), r["curve"]["step"]
@@ -221,7 +220,6 @@ def plot(results, path: str) -> None:
   axes[0].legend()
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
 def run(cfg, workdir: str, log=print) -> list[dict]:

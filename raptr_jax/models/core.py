@@ -16,7 +16,7 @@ from flax import nnx
 
 from raptr_jax.models import layers
 from raptr_jax.models.config import REMAT_POLICIES, ModelConfig
-from raptr_jax.models.selection import LayerSelection, Selection
+from raptr_jax.models.selection import LayerSelection, Selection, gather_tokens, scatter_tokens, take_layers
 
 
 def logical_param(key, shape, axes, std, dtype):
@@ -69,8 +69,8 @@ class StackedLayers(nnx.Module):
     token_sel = selection.tokens if selection is not None else None
     if layer_sel is None:
       layer_sel = LayerSelection.full(self.num_layers)
-    elif layer_sel.indices is not None:
-      params = jax.tree.map(lambda p: jnp.take(p, layer_sel.indices, axis=0), params)
+    else:
+      params = take_layers(params, layer_sel)
     # What each run layer scans over: its params, scale, whether it runs, its width slices.
     k = layer_sel.scales.shape[0]
     width = selection.width if selection is not None else None
@@ -174,8 +174,7 @@ class StackedLayers(nnx.Module):
         if context is not None and context_segment_ids is None:
           context_segment_ids = jnp.ones(context.shape[:2], jnp.int32)
       gathered_segments = lambda idx: gather(segment_ids, idx)
-    gather = jax.vmap(lambda a, i: jnp.take(a, i, axis=0))
-    scatter = jax.vmap(lambda a, i, u: a.at[i].set(u))
+    gather, scatter = gather_tokens, scatter_tokens
 
     def step(h, layer_and_tokens):
       layer, idx = layer_and_tokens

@@ -120,6 +120,26 @@ class EncoderDecoderSelection:
     return out
 
 
+def take_layers(stacked, layer_sel: LayerSelection):
+  """The selected layers of stacked parameters (a pytree of [L, ...] arrays) as [k, ...]: RaPTr's
+  linear-combination shared subnetwork is this gather (its gradient, a scatter-add, is exactly
+  zero on the layers left out). ``indices`` None: the stack unchanged."""
+  if layer_sel.indices is None:
+    return stacked
+  return jax.tree.map(lambda p: jnp.take(p, layer_sel.indices, axis=0), stacked)
+
+
+def gather_tokens(x, indices):
+  """x [B, S, ...], indices [B, r] -> [B, r, ...]: each example's kept positions (random-LTD)."""
+  return jax.vmap(lambda a, i: jnp.take(a, i, axis=0))(x, indices)
+
+
+def scatter_tokens(x, indices, updates):
+  """x [B, S, ...] with each example's kept positions ``indices`` [B, r] set to ``updates``
+  [B, r, ...]; the dropped positions pass through unchanged (random-LTD)."""
+  return jax.vmap(lambda a, i, u: a.at[i].set(u))(x, indices, updates)
+
+
 STACK_CHOICES = ("encoder", "decoder", "both")
 
 

@@ -171,7 +171,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint = dict(every=200, keep=2, async_save=True)  # every: steps; 0 = only at the end; keep: the
                                                           # newest kept (>= 2, a fallback; 0 = all)
   c.log = dict(every=10, tensorboard=True, progress_bar=True)
-  c.train = dict(peak_flops=0.0,                # 0: the device table (MFU)
+  c.train = dict(microbatches=1,                # gradient accumulation: the batch in this many
+                                                # microbatches, scanned in one step (same update)
+                 peak_flops=0.0,                # 0: the device table (MFU)
                  stop_at_step=0,                # > 0: stop after this step (tests: a kill)
                  allow_config_changes=False)    # resume under a config that changes what is computed
   return c
@@ -276,6 +278,14 @@ def validate(cfg) -> None:
     raise ValueError(f"log.every must be positive, got {cfg.log.every}")
   from raptr_jax.methods import REGISTRY, get_method  # pylint: disable=g-import-not-at-top  (methods import jax)
   method = get_method(cfg.method.name, cfg)
+  micro = cfg.train.microbatches
+  if not isinstance(micro, int) or micro < 1 or cfg.data.batch_size % micro:
+    raise ValueError(f"train.microbatches={micro!r} must be a positive integer that divides data.batch_size="
+                     f"{cfg.data.batch_size} (each microbatch is batch_size / microbatches rows); e.g. "
+                     f"train.microbatches={max(d for d in range(1, 9) if cfg.data.batch_size % d == 0)}")
+  if micro > 1 and int(cfg.mesh.get("stage", 1)) != 1:
+    raise ValueError("train.microbatches > 1 with mesh.stage > 1: the pipelined interlocking step does not "
+                     "accumulate microbatches; set train.microbatches=1 or mesh.stage=1")
   if int(cfg.mesh.get("stage", 1)) != 1 and not method.pipelines:
     pipelining = sorted(name for name, cls in REGISTRY.items() if cls.pipelines)
     raise ValueError(f"mesh.stage={cfg.mesh.stage} places one pipeline stage of the layers per device "

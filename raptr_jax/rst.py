@@ -43,6 +43,8 @@ def context_key(cfg, model_cfg) -> str:
           "optimizer": cfg.optimizer.name, "mesh": {k: cfg.mesh[k] for k in ("data", "fsdp", "tensor")}}
   if target_length(cfg.data):  # t5: the decoder length costs too (absent elsewhere: keys unchanged)
     what["target_len"] = target_length(cfg.data)
+  if int(cfg.train.get("microbatches", 1)) != 1:  # gradient accumulation (absent at 1: keys unchanged)
+    what["microbatches"] = int(cfg.train.microbatches)
   if int(cfg.mesh.get("stage", 1)) != 1:  # a pipelined run (absent at 1: keys unchanged)
     what["mesh"]["stage"] = int(cfg.mesh.stage)
   return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]

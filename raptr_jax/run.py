@@ -88,6 +88,12 @@ def setup(cfg) -> Run:
   if cfg.data.batch_size % dp:
     raise ValueError(f"data.batch_size {cfg.data.batch_size} is not divisible by the data-parallel "
                      f"size {dp} (mesh.data x mesh.fsdp); use a multiple of {dp}")
+  micro = cfg.train.microbatches
+  if (cfg.data.batch_size // micro) % dp:
+    raise ValueError(f"train.microbatches={micro} makes microbatches of {cfg.data.batch_size // micro} rows, not "
+                     f"divisible by the data-parallel size {dp} (mesh.data x mesh.fsdp): every device takes "
+                     f"rows of every microbatch; use data.batch_size = a multiple of {dp * micro}, or fewer "
+                     "microbatches")
   if cfg.data.batch_size % jax.process_count():
     raise ValueError(f"data.batch_size {cfg.data.batch_size} is not divisible by the "
                      f"{jax.process_count()} hosts")
@@ -145,7 +151,7 @@ def setup(cfg) -> Run:
   ctx = step_lib.StepContext(graphdef, view, family.loss_fn, family.logits_fn, optimizer, lr_fn, mesh,
                              shardings, mcfg.num_layers, family.batch_fields, packed=not synthetic,
                              wrap_select=lambda select: family.wrap_select(select, cfg.model),
-                             method=method, axes=axes, model_cfg=mcfg)
+                             method=method, axes=axes, model_cfg=mcfg, microbatches=micro)
   init_jit = jax.jit(init, out_shardings=shardings)
   return Run(cfg, mesh, mcfg, plan, step_lib.StepCache(ctx), init_jit, abstract, stage_flops, method)
 

@@ -23,6 +23,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from raptr_jax import sharding as shd
+from raptr_jax.models.selection import selection_rows
 from raptr_jax.optim import gnb_hessian_estimate, layer_activity, sophia_metrics
 
 
@@ -53,6 +54,7 @@ class StepContext:
   method: Any = None        # methods.Method: per-step batch / loss / gradient transforms
   axes: Any = None          # logical axis names of each parameter (growth operators read them)
   model_cfg: Any = None     # models.ModelConfig of the full model
+  microbatches: int = 1     # gradient accumulation: the batch's rows in this many scanned parts
 
   @property
   def tx(self):
@@ -114,6 +116,48 @@ def view_activity(params, view_shapes):
   return jax.tree.map(box, params, view_shapes)
 
 
+def split_microbatches(batch, count: int, mesh):
+  """[B, ...] arrays -> [count, B / count, ...]: microbatch i is the rows i, i + count, ... (strided:
+  on a mesh that splits B into contiguous blocks, every device holds rows of every microbatch, so
+  each microbatch is as sharded as the batch)."""
+  spec = shd.batch_sharding(mesh).spec
+  def split(x):
+    parts = jnp.moveaxis(x.reshape(x.shape[0] // count, count, *x.shape[1:]), 1, 0)
+    return jax.lax.with_sharding_constraint(parts, NamedSharding(mesh, P(None, *spec)))
+  return jax.tree.map(split, batch)
+
+
+def accumulate(grads_of, params, batch, selection, count: int, mesh):
+  """Gradient accumulation: ``grads_of(params, batch, selection) -> ((loss, aux), grads)`` over
+  ``count`` microbatches in a ``lax.scan``, each weighted by its share of the loss tokens, so the
+  result is the full batch's token-mean loss and its gradient (up to float summation order).
+
+  The selection is drawn once per step for the whole batch (RaPTr, PLD, growth: one subnetwork per
+  optimizer step, as the papers define a step; random-LTD's per-example token draws are split with
+  the rows: ``selection_rows``), so accumulating never changes what a step computes."""
+  parts = split_microbatches(batch, count, mesh)
+  shapes = jax.eval_shape(grads_of, params, jax.tree.map(lambda x: x[0], parts),
+                          selection_rows(selection, 0, count))
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
+
+  def body(carry, xs):
+    index, part = xs
+    (loss, aux), grads = grads_of(params, part, selection_rows(selection, index, count))
+    w = aux["loss_tokens"].astype(jnp.float32)
+    aux = {k: (v if k in _SUMMED else jax.tree.map(lambda a: w * a, v)) for k, v in aux.items()}
+    weighted = ((w * loss, aux), jax.tree.map(lambda g: w * g, grads))
+    return jax.tree.map(lambda c, x: c + x.astype(jnp.float32), carry, weighted), None
+
+  ((loss, aux), grads), _ = jax.lax.scan(body, zeros, (jnp.arange(count), parts))
+  norm = 1.0 / jnp.maximum(aux["loss_tokens"], 1.0)
+  aux = {k: (v if k in _SUMMED else jax.tree.map(lambda a: a * norm, v)) for k, v in aux.items()}
+  grads = jax.tree.map(lambda g, p: (g * norm).astype(p.dtype), grads, params)
+  return (loss * norm, aux), grads
+
+
+_SUMMED = ("loss_sum", "loss_tokens")  # aux totals over the batch (the rest: token-weighted means)
+
+
 def make_train_step(ctx: StepContext, stage, hessian: bool = False):
   """The jitted step of a stage; ``hessian=True`` adds Sophia-G's GNB pass on its own batch:
   ``train_step(state, batch, key, progress, hessian_batch)``."""
@@ -138,10 +182,15 @@ def make_train_step(ctx: StepContext, stage, hessian: bool = False):
     def loss_of(params):
       return loss_fn(model_of(params), batch, selection, ctx.packed)
 
-    if value_and_grad is not None:
-      (loss, aux), grads = value_and_grad(state.params, batch, selection)
+    def grads_of(params, batch, selection):
+      if value_and_grad is not None:
+        return value_and_grad(params, batch, selection)
+      return jax.value_and_grad(lambda p: loss_fn(model_of(p), batch, selection, ctx.packed), has_aux=True)(params)
+
+    if ctx.microbatches > 1:
+      (loss, aux), grads = accumulate(grads_of, state.params, batch, selection, ctx.microbatches, ctx.mesh)
     else:
-      (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+      (loss, aux), grads = grads_of(state.params, batch, selection)
     if method is not None and method.transform_grads is not None:
       grads = method.transform_grads(grads, state.params, jax.random.fold_in(key, 4), progress)
     extra = {}

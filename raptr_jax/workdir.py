@@ -26,7 +26,8 @@ import sys
 # Fields (or sections, ending in ".") that do not change what a run computes.
 HOW_NOT_WHAT = ("log.", "checkpoint.", "eval.every", "eval.at_start", "eval.sets", "eval.batches", "train.stop_at_step",
                 "train.peak_flops", "train.allow_config_changes", "distributed.", "data.tfds_data_dir",
-                "data.token_cache", "downstream.", "mesh.", "model.remat", "model.attention_impl")
+                "data.token_cache", "downstream.", "mesh.", "model.remat", "model.attention_impl",
+                "train.microbatches")
 
 
 class WorkdirBusy(RuntimeError):
@@ -126,7 +127,7 @@ def config_changes(before: dict, now: dict, rst_budget: bool) -> dict:
   one side lacks (a config of another version of the code) counts as its default."""
   from raptr_jax.config import base_config  # pylint: disable=g-import-not-at-top  (config imports methods)
   defaults = flat_config(base_config())
-  neutral = tuple(f for f in HOW_NOT_WHAT if not (rst_budget and f == "mesh."))
+  neutral = tuple(f for f in HOW_NOT_WHAT if not (rst_budget and f in ("mesh.", "train.microbatches")))
   changes = {}
   for key in sorted(set(before) | set(now)):
     if key.startswith(neutral) or key in neutral:

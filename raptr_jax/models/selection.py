@@ -140,6 +140,23 @@ def scatter_tokens(x, indices, updates):
   return jax.vmap(lambda a, i, u: a.at[i].set(u))(x, indices, updates)
 
 
+def selection_rows(selection, index, count: int):
+  """The selection of microbatch ``index`` of ``count`` (the rows index, index + count, ...:
+  ``step.split_microbatches``): token selections keep those rows; layer, width and hidden
+  selections have no batch dimension and are shared by every microbatch."""
+  if selection is None:
+    return None
+  if isinstance(selection, EncoderDecoderSelection):
+    return EncoderDecoderSelection(selection_rows(selection.encoder, index, count),
+                                   selection_rows(selection.decoder, index, count))
+  if selection.tokens is None:
+    return selection
+  idx = selection.tokens.indices  # [n, B, r]
+  n, b, r = idx.shape
+  rows = jnp.take(idx.reshape(n, b // count, count, r), index, axis=2)
+  return dataclasses.replace(selection, tokens=dataclasses.replace(selection.tokens, indices=rows))
+
+
 STACK_CHOICES = ("encoder", "decoder", "both")
 
 
@@ -152,8 +169,11 @@ def for_stacks(select, stacks: str = "both"):
 
   def select_both(key, batch, progress):
     enc_key, dec_key = jax.random.split(key)
+    first = select(enc_key, batch, progress)
+    if isinstance(first, EncoderDecoderSelection):  # the method chose per stack itself (random-LTD)
+      return first
     return EncoderDecoderSelection(
-        encoder=select(enc_key, batch, progress) if stacks in ("encoder", "both") else None,
+        encoder=first if stacks in ("encoder", "both") else None,
         decoder=select(dec_key, batch, progress) if stacks in ("decoder", "both") else None)
 
   return select_both

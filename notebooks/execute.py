@@ -49,7 +49,8 @@ def execute(path: str, values: dict | None = None, save: str | None = None, time
             fresh: bool = True):
   """Runs ``path`` (with ``values`` injected) and returns the executed notebook; ``save`` writes it
   there. Raises ``nbclient.exceptions.CellExecutionError`` (the cell, the traceback) on an error.
-  ``fresh``: empty the notebook's WORKDIR / OUT (relative to the repository) first."""
+  ``fresh``: remove the notebook's WORKDIR / OUT first when it is a folder under the repository's
+  ``runs/`` (elsewhere, e.g. a test's temporary folder, it is left as it is)."""
   nb = nbformat.read(path, as_version=4)
   if values:
     inject(nb, values)
@@ -57,9 +58,9 @@ def execute(path: str, values: dict | None = None, save: str | None = None, time
     settings = parameters(nb) | (values or {})
     for key in ("WORKDIR", "OUT"):
       if key in settings:
-        where = os.path.join(REPO, settings[key])
-        if os.path.isdir(where) and os.path.commonpath([where, REPO]) == REPO and where != REPO:
-          shutil.rmtree(where)
+        where, runs = os.path.abspath(os.path.join(REPO, settings[key])), os.path.join(REPO, "runs")
+        if os.path.isdir(where) and os.path.commonpath([where, runs]) == runs and where != runs:
+          shutil.rmtree(where)  # only an output folder under runs/, never anything else
   client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
                           resources={"metadata": {"path": os.path.dirname(os.path.abspath(path))}})
   backend = os.environ.get("MPLBACKEND")

@@ -85,11 +85,11 @@ def setup(cfg) -> Run:
   validate(cfg)
   mesh = shd.make_mesh(cfg.mesh)
   dp = shd.data_parallel_size(mesh)
+  micro = cfg.train.microbatches
   if cfg.data.batch_size % dp:
     raise ValueError(f"data.batch_size {cfg.data.batch_size} is not divisible by the data-parallel "
                      f"size {dp} (mesh.data x mesh.fsdp); use a multiple of {dp}")
-  micro = cfg.train.microbatches
-  if (cfg.data.batch_size // micro) % dp:
+  if (cfg.data.batch_size // micro) % dp:  # only with micro > 1: then B / micro must split over dp too
     raise ValueError(f"train.microbatches={micro} makes microbatches of {cfg.data.batch_size // micro} rows, not "
                      f"divisible by the data-parallel size {dp} (mesh.data x mesh.fsdp): every device takes "
                      f"rows of every microbatch; use data.batch_size = a multiple of {dp * micro}, or fewer "

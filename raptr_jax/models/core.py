@@ -173,16 +173,15 @@ class StackedLayers(nnx.Module):
         segment_ids = jnp.ones(x.shape[:2], jnp.int32)
         if context is not None and context_segment_ids is None:
           context_segment_ids = jnp.ones(context.shape[:2], jnp.int32)
-      gathered_segments = lambda idx: gather(segment_ids, idx)
-    gather, scatter = gather_tokens, scatter_tokens
+      gathered_segments = lambda idx: gather_tokens(segment_ids, idx)
 
     def step(h, layer_and_tokens):
       layer, idx = layer_and_tokens
-      pre = None if prefix is None else gather(prefix, idx)
-      attend = self._attend(gather(positions, idx), gathered_segments(idx), pre, idx,
+      pre = None if prefix is None else gather_tokens(prefix, idx)
+      attend = self._attend(gather_tokens(positions, idx), gathered_segments(idx), pre, idx,
                             relative_table, context, context_segment_ids, hidden)
-      out = self._layer(body, layer, gather(h, idx), attend)
-      return scatter(h, idx, out), None
+      out = self._layer(body, layer, gather_tokens(h, idx), attend)
+      return scatter_tokens(h, idx, out), None
 
     return jax.lax.scan(step, x, (per_layer, indices))[0]
 

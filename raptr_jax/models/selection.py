@@ -169,11 +169,11 @@ def for_stacks(select, stacks: str = "both"):
 
   def select_both(key, batch, progress):
     enc_key, dec_key = jax.random.split(key)
-    first = select(enc_key, batch, progress)
-    if isinstance(first, EncoderDecoderSelection):  # the method chose per stack itself (random-LTD)
-      return first
-    return EncoderDecoderSelection(
-        encoder=first if stacks in ("encoder", "both") else None,
-        decoder=select(dec_key, batch, progress) if stacks in ("decoder", "both") else None)
+    encoder = select(enc_key, batch, progress) if stacks in ("encoder", "both") else None
+    decoder = select(dec_key, batch, progress) if stacks in ("decoder", "both") else None
+    for chosen in (encoder, decoder):
+      if isinstance(chosen, EncoderDecoderSelection):  # the method chose per stack itself (random-LTD)
+        return chosen
+    return EncoderDecoderSelection(encoder=encoder, decoder=decoder)
 
   return select_both

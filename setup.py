@@ -2,6 +2,9 @@ from setuptools import find_packages, setup
 
 # importlib_resources: tfds needs it (etils.epath) to prepare a builder of our own (data/tfds_builders.py).
 NOTEBOOKS = ["nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29"]
+# jax[tpu]: libtpu, matched to jax: runs on TPU VMs, and compiles for TPU topologies on any Linux
+# machine (python -m raptr_jax.aot; compile-only devices, no TPU needed).
+TPU = ['jax[tpu]>=0.5.0,<0.13; platform_system == "Linux"']
 DATA = ["seqio>=0.0.19", "tensorflow-datasets>=4.9.4", "tensorflow>=2.16", "importlib_resources>=6", "pyarrow>=14"]
 
 setup(
@@ -31,6 +34,8 @@ setup(
         # tensorboard: its event reader checks that restarts log each step once (tests only).
         # nbclient + ipykernel: the suite runs the notebooks (notebooks/execute.py).
         "notebooks": NOTEBOOKS,
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "tensorboard>=2.16", *DATA, *NOTEBOOKS],
+        "tpu": TPU,
+        # libtpu: the suite compiles a tiny config for small TPU slices (tests/test_aot.py).
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "tensorboard>=2.16", *DATA, *NOTEBOOKS, *TPU],
     },
 )

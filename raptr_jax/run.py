@@ -80,10 +80,12 @@ def device_batch(batch, mesh, fields):
           for k in fields}
 
 
-def setup(cfg) -> Run:
-  """Builds a run (model, optimizer, plan, steps); RST step costs are not attached here."""
+def setup(cfg, devices=None) -> Run:
+  """Builds a run (model, optimizer, plan, steps); RST step costs are not attached here.
+  ``devices``: the mesh's (default all; compile-only devices of a topology in ``aot.py``)."""
   validate(cfg)
-  mesh = shd.make_mesh(cfg.mesh)
+  mesh = shd.make_mesh(cfg.mesh, devices)
+  hosts = len({d.process_index for d in mesh.devices.flat})
   dp = shd.data_parallel_size(mesh)
   micro = cfg.train.microbatches
   if cfg.data.batch_size % dp:
@@ -94,9 +96,8 @@ def setup(cfg) -> Run:
                      f"divisible by the data-parallel size {dp} (mesh.data x mesh.fsdp): every device takes "
                      f"rows of every microbatch; use data.batch_size = a multiple of {dp * micro}, or fewer "
                      "microbatches")
-  if cfg.data.batch_size % jax.process_count():
-    raise ValueError(f"data.batch_size {cfg.data.batch_size} is not divisible by the "
-                     f"{jax.process_count()} hosts")
+  if cfg.data.batch_size % hosts:
+    raise ValueError(f"data.batch_size {cfg.data.batch_size} is not divisible by the {hosts} hosts")
   synthetic = cfg.data.source == "synthetic"
   vocab = None if synthetic else load_vocabulary(cfg.data.vocab_path, cfg.data.extra_ids)
   if not (cfg.model.vocab_size or vocab):
@@ -130,9 +131,9 @@ def setup(cfg) -> Run:
                              layer_tokens=stage_flops.layer_tokens)
   if plan.scoring is not None:
     rows = plan.scoring.rows
-    if rows % dp or rows % jax.process_count():
+    if rows % dp or rows % hosts:
       raise ValueError(f"{method.name}: a scoring pass scores {rows} rows, which do not divide over the "
-                       f"data-parallel size {dp} and {jax.process_count()} host(s); choose the method's "
+                       f"data-parallel size {dp} and {hosts} host(s); choose the method's "
                        "candidate / mega-batch multiple so that data.batch_size x it is a multiple of both")
     plan = dataclasses.replace(plan, scoring=dataclasses.replace(
         plan.scoring, layer_tokens=stage_flops.full_layer_tokens * rows / cfg.data.batch_size))

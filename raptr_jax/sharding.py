@@ -8,12 +8,23 @@ replicated instead of failing, so tiny test models shard on any mesh.
 per device (a method that pipelines places one component per stage device, interlocking
 backprop; every other method runs with ``mesh.stage=1``, where it changes nothing). Auxiliary
 heads stack on their own axis (``aux_layers``), replicated over stages.
+
+Activations carry logical axes too (``constrain``; ``ACTIVATION_RULES``): inside a step
+(``activation_sharding(mesh)``) every activation keeps its batch dimension over (data, fsdp)
+and its heads / MLP / vocabulary dimension over tensor, so FSDP shards the activations like
+data parallelism does and gathers the weights instead (without the constraints XLA may follow
+the fsdp-sharded embedding dimension and keep full-batch activations, logits included, on
+every device).
 """
+import contextlib
+import contextvars
+import functools
 from collections.abc import Mapping
 
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "stage", "fsdp", "tensor")
@@ -32,6 +43,18 @@ RULES = {
     "length": None,
     "relpos_buckets": None,
 }
+# Activations: batch over every data-parallel axis, the model dimension whole (the weights'
+# fsdp shards are gathered), heads / MLP units / vocabulary over tensor.
+ACTIVATION_RULES = {
+    "batch": BATCH_AXES,
+    "length": None,
+    "embed": None,
+    "heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "vocab": "tensor",
+}
+_ACTIVATION_MESH = contextvars.ContextVar("activation_mesh", default=None)
 
 
 def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int, int]:
@@ -56,9 +79,24 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int, int]:
 
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
-  devices = jax.devices() if devices is None else devices
+  """The mesh over ``devices`` (default all). On TPU the device order follows the chips'
+  torus (``mesh_utils``); over several slices only ``data`` crosses them (DCN), so
+  ``mesh.data`` must be a multiple of the slice count."""
+  devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(mesh_cfg, len(devices))
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+  slices = len({getattr(d, "slice_index", None) for d in devices})
+  if slices > 1:
+    if shape[0] % slices:
+      raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} over {slices} slices: only the data axis crosses "
+                       f"slices, so mesh.data must be a multiple of {slices} (e.g. mesh.data={slices} and the "
+                       "other axes within a slice)")
+    ici = (shape[0] // slices, *shape[1:])
+    order = mesh_utils.create_hybrid_device_mesh(ici, (slices, 1, 1, 1), devices, allow_split_physical_axes=True)
+  elif devices[0].platform == "tpu":
+    order = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+  else:
+    order = np.asarray(devices).reshape(shape)
+  return Mesh(order, MESH_AXES)
 
 
 def spec_for(axes, shape, mesh: Mesh, rules=RULES) -> P:
@@ -107,3 +145,35 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def data_parallel_size(mesh: Mesh) -> int:
   return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh | None):
+  """Within this context (the trace of a step), ``constrain`` pins activations to ``mesh``;
+  ``None`` switches it off (inside ``shard_map``, whose bodies see per-device shapes)."""
+  token = _ACTIVATION_MESH.set(mesh)
+  try:
+    yield
+  finally:
+    _ACTIVATION_MESH.reset(token)
+
+
+def on_mesh(fn, mesh: Mesh | None):
+  """``fn`` traced inside ``activation_sharding(mesh)`` (a step's body; ``None``: a
+  ``shard_map`` body)."""
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with activation_sharding(mesh):
+      return fn(*args, **kwargs)
+  return traced
+
+
+def constrain(x, axes):
+  """``x`` with the sharding its logical ``axes`` (``ACTIVATION_RULES``) give on the active
+  mesh (``activation_sharding``); unchanged outside a step or on one device."""
+  mesh = _ACTIVATION_MESH.get()
+  if mesh is None or mesh.size == 1:
+    return x
+  if len(axes) != x.ndim:
+    raise ValueError(f"constrain: {len(axes)} logical axes {axes} for an array of shape {x.shape}")
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec_for(axes, x.shape, mesh, ACTIVATION_RULES)))

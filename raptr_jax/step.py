@@ -223,7 +223,7 @@ def make_train_step(ctx: StepContext, stage, hessian: bool = False):
   in_shardings = (ctx.state_shardings, batch_shardings(ctx.mesh, ctx.batch_fields), repl, repl)
   if hessian:
     in_shardings += (batch_shardings(ctx.mesh, ctx.batch_fields),)
-  return jax.jit(train_step, in_shardings=in_shardings, out_shardings=(ctx.state_shardings, repl),
+  return jax.jit(shd.on_mesh(train_step, ctx.mesh), in_shardings=in_shardings, out_shardings=(ctx.state_shardings, repl),
                  donate_argnums=(0,))
 
 
@@ -243,7 +243,7 @@ def make_eval_step(ctx: StepContext, stage=None):
     return aux["loss_sum"], aux["loss_tokens"]
 
   repl = shd.replicated(ctx.mesh)
-  return jax.jit(eval_step, in_shardings=(ctx.state_shardings.params, batch_shardings(ctx.mesh, ctx.batch_fields),
+  return jax.jit(shd.on_mesh(eval_step, ctx.mesh), in_shardings=(ctx.state_shardings.params, batch_shardings(ctx.mesh, ctx.batch_fields),
                                           repl), out_shardings=(repl, repl))
 
 
@@ -262,7 +262,7 @@ def make_score_step(ctx: StepContext, max_segments: int):
     return losses, weights
 
   rows = shd.batch_sharding(ctx.mesh)
-  return jax.jit(score_step, in_shardings=(ctx.state_shardings.params, batch_shardings(ctx.mesh, ctx.batch_fields)),
+  return jax.jit(shd.on_mesh(score_step, ctx.mesh), in_shardings=(ctx.state_shardings.params, batch_shardings(ctx.mesh, ctx.batch_fields)),
                  out_shardings=(rows, rows))
 
 

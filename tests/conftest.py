@@ -1,6 +1,10 @@
 import os
 import tempfile
 
+# The suite runs on CPU. The test extras install libtpu (tests/test_aot.py compiles for TPU
+# slices), which jax would otherwise try to start as a backend in every test and subprocess.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 import jax
 import pytest
 

@@ -34,6 +34,9 @@ class ListSource:
       yield self.examples[i]
 
 
+MAX_SEGMENTS = 64  # packed examples per row whose stable ids a batch carries
+
+
 class PackedStream:
   """Global batches of packed rows from a source of (id, tokens) examples.
 
@@ -42,7 +45,7 @@ class PackedStream:
   placed in a row, so resuming re-creates exactly the rows that would have followed."""
 
   def __init__(self, source, objective, batch_size: int, seed: int, repeat: bool,
-               max_segments: int = 64, noise_seed: int | None = None, resample_noise: bool = True):
+               max_segments: int = MAX_SEGMENTS, noise_seed: int | None = None, resample_noise: bool = True):
     if not isinstance(objective, objectives.Objective):
       raise TypeError("PackedStream needs an objectives.Objective (see data.build.build_objective)")
     self.source = source

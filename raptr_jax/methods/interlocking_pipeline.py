@@ -44,7 +44,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from raptr_jax.models import aux_heads as aux_lib
-from raptr_jax.sharding import PIPELINE_AXIS
+from raptr_jax.sharding import PIPELINE_AXIS, on_mesh
 
 
 def routing_tables(split) -> tuple[np.ndarray, np.ndarray]:
@@ -155,7 +155,8 @@ def routed_gradients(split, mesh, functions, *, heads: bool, blocks: int):
   def pipelined(layers, rest, x, batch):
     layer_specs = jax.tree.map(lambda _: stage, layers)
     out_specs = (P(), P(), stage, layer_specs, P(), P(), P()) + ((stage,) if heads else ())
-    outputs = jax.shard_map(per_stage, mesh=mesh, in_specs=(layer_specs, P(), P(), P()), out_specs=out_specs,
+    outputs = jax.shard_map(on_mesh(per_stage, None), mesh=mesh,  # per-device shapes inside
+                            in_specs=(layer_specs, P(), P(), P()), out_specs=out_specs,
                             axis_names={PIPELINE_AXIS})(layers, rest, x, batch)
     if not heads:
       return outputs + (None,)

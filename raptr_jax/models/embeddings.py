@@ -5,6 +5,7 @@ import jax.numpy as jnp
 from raptr_jax.models import layers
 from raptr_jax.models.config import ModelConfig
 from raptr_jax.models.core import logical_param
+from raptr_jax.sharding import constrain
 
 
 def init_embeddings(module, cfg: ModelConfig, rngs):
@@ -50,9 +51,15 @@ def embed(module, inputs, positions, hidden=None):
 def embed_tokens(cfg: ModelConfig, params: dict, inputs, positions, hidden=None):
   """``embed`` on a pure parameter dict (``EMBEDDING_PARAMS`` it holds)."""
   dt = cfg.compute_dtype
-  x = jnp.take(params["embedding"], inputs, axis=0).astype(dt)
+  # The tables' fsdp shards are gathered first (as every FSDP weight is), so the lookup is
+  # batch-sharded and its gradient a scatter-add then reduce-scatter; looking up into a table
+  # sharded along the model dimension would re-shard the [B, T, d] cotangent along d instead,
+  # by replicating it.
+  table = lambda name, axes: constrain(params[name], axes)
+  x = jnp.take(table("embedding", ("vocab", "embed")), inputs, axis=0).astype(dt)
   if "pos_embedding" in params:
-    x = x + jnp.take(params["pos_embedding"], positions, axis=0).astype(dt)
+    x = x + jnp.take(table("pos_embedding", ("length", "embed")), positions, axis=0).astype(dt)
+  x = constrain(x, layers.TOKENS)
   return x if hidden is None else x * hidden.astype(dt)
 
 
@@ -66,8 +73,9 @@ def project(cfg: ModelConfig, x, norm_scale, w, hidden=None):
   """RMSNorm with ``norm_scale`` [d] and the output projection ``w`` [d, V]: [B, T, d] -> fp32
   logits [B, T, V] (``hidden``: the growth mask of ``Selection.hidden``)."""
   dt = cfg.compute_dtype
-  x = layers.rms_norm(x, norm_scale, cfg.norm_eps, hidden)
-  return jnp.einsum("btd,dv->btv", x, w.astype(dt), preferred_element_type=jnp.float32)
+  x = layers.rms_norm(constrain(x, layers.TOKENS), norm_scale, cfg.norm_eps, hidden)
+  logits = jnp.einsum("btd,dv->btv", x, w.astype(dt), preferred_element_type=jnp.float32)
+  return constrain(logits, ("batch", "length", "vocab"))
 
 
 def head_weight(module):
@@ -85,7 +93,8 @@ def token_losses(logits, targets, weights):
   """Weighted cross-entropy at every position ([..., T], fp32) and the weights."""
   logz = jax.nn.logsumexp(logits, axis=-1)
   gold = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  return (logz - gold) * weights, weights
+  losses = (logz - gold) * weights
+  return (constrain(losses, ("batch", "length")) if losses.ndim == 2 else losses), weights
 
 
 def cross_entropy(logits, targets, weights):

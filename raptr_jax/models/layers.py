@@ -10,6 +10,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from raptr_jax.sharding import constrain
+
+TOKENS = ("batch", "length", "embed")              # the residual stream [B, T, d]
+HEADS = ("batch", "length", "heads", "head_dim")   # queries, keys, values [B, T, N, H]
+
 
 def rms_norm(x, scale, eps: float, mask=None):
   """RMSNorm; with a hidden-dimension ``mask`` [d] (MSG growth) the statistics are weighted
@@ -119,9 +124,9 @@ def attention(p, x, kv, positions, mask, cfg, *, causal=True, bias=None, prefix=
   same array); parameters ``{prefix}q``, ``k``, ``v``, ``o``; rotary only in self-attention;
   ``head_mask`` [N] multiplies each head's output (growth)."""
   dt = cfg.dtype
-  q = jnp.einsum("btd,dnh->btnh", x, p[prefix + "q"].astype(dt))
-  k = jnp.einsum("bsd,dnh->bsnh", kv, p[prefix + "k"].astype(dt))
-  v = jnp.einsum("bsd,dnh->bsnh", kv, p[prefix + "v"].astype(dt))
+  q = constrain(jnp.einsum("btd,dnh->btnh", x, p[prefix + "q"].astype(dt)), HEADS)
+  k = constrain(jnp.einsum("bsd,dnh->bsnh", kv, p[prefix + "k"].astype(dt)), HEADS)
+  v = constrain(jnp.einsum("bsd,dnh->bsnh", kv, p[prefix + "v"].astype(dt)), HEADS)
   if cfg.position == "rotary" and not prefix:
     q, k = rotary(q, positions), rotary(k, positions)
   if bias is not None:
@@ -129,21 +134,23 @@ def attention(p, x, kv, positions, mask, cfg, *, causal=True, bias=None, prefix=
   out = jax.nn.dot_product_attention(
       q, k, v, bias=bias, mask=mask, is_causal=causal and mask is None,
       implementation=attention_backend(cfg, q.dtype))
+  out = constrain(out, HEADS)
   if head_mask is not None:
     out = out * head_mask.astype(out.dtype)[:, None]
-  return jnp.einsum("btnh,nhd->btd", out, p[prefix + "o"].astype(dt))
+  return constrain(jnp.einsum("btnh,nhd->btd", out, p[prefix + "o"].astype(dt)), TOKENS)
 
 
 def mlp(p, x, cfg, unit_mask=None):
   """The (gated) MLP; ``unit_mask`` [F] multiplies each hidden unit's activation (growth)."""
   dt = cfg.dtype
   act = {"gelu": jax.nn.gelu, "silu": jax.nn.silu, "relu": jax.nn.relu}[cfg.activation]
-  h = act(jnp.einsum("btd,df->btf", x, p["wi"].astype(dt)))
+  units = ("batch", "length", "mlp")
+  h = act(constrain(jnp.einsum("btd,df->btf", x, p["wi"].astype(dt)), units))
   if cfg.gated_mlp:
-    h = h * jnp.einsum("btd,df->btf", x, p["wg"].astype(dt))
+    h = h * constrain(jnp.einsum("btd,df->btf", x, p["wg"].astype(dt)), units)
   if unit_mask is not None:
     h = h * unit_mask.astype(h.dtype)
-  return jnp.einsum("btf,fd->btd", h, p["wo"].astype(dt))
+  return constrain(jnp.einsum("btf,fd->btd", h, p["wo"].astype(dt)), TOKENS)
 
 
 def select_heads(p, heads):
@@ -178,6 +185,7 @@ def block(p, x, positions, mask, scale, cfg, attend: AttentionInputs | None = No
   scaling those branches by its ``head_scale`` / ``mlp_scale``."""
   if attend is None:
     attend = AttentionInputs(positions, mask)
+  x = constrain(x, TOKENS)
   scale = scale.astype(x.dtype)
   attn_scale = mlp_scale = scale
   bias = attend.bias
@@ -202,4 +210,4 @@ def block(p, x, positions, mask, scale, cfg, attend: AttentionInputs | None = No
     x = x + attn_scale * attention(p, h, attend.context, attend.positions, attend.context_mask, cfg,
                                    causal=False, prefix="cross_", head_mask=head_mask)
   x = x + mlp_scale * mlp(p, rms_norm(x, p["mlp_norm"], cfg.norm_eps, hidden), cfg, unit_mask)
-  return x
+  return constrain(x, TOKENS)

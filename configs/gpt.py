@@ -7,6 +7,7 @@
     python -m raptr_jax.main --config=configs/gpt.py:interlocking      # 2-wise interlocking backprop, K = 4
     python -m raptr_jax.main --config=configs/gpt.py:gpt3_350m_random_ltd \\
         --config.data.source=... --config.data.vocab_path=...          # the paper's, accelerators
+    python -m raptr_jax.aot --config=configs/gpt.py:gpt3_1.3b_random_ltd --topology=v5p-64  # does it fit
 
 Presets:
 * default: a ~3M-parameter decoder (4 layers, d=256, learned positions, tied head), seq 128,
@@ -27,6 +28,9 @@ Presets:
   (GPT-3's recipe, which the paper follows through Megatron-DeepSpeed). random-LTD: 128 -> 2048
   kept tokens by 16 every 1.75B tokens (full after 210B), middle 22 layers, LayerToken LR; 121
   kept lengths, each a compile.
+* ``gpt3_1.3b`` / ``gpt3_1.3b_random_ltd``: the same recipe at GPT-3 1.3B (24 layers, d 2048, 16
+  heads of 128, MLP 8192, as Megatron-DeepSpeed's 1.3B), batch 512 (1M tokens), peak LR 2e-4
+  (GPT-3 Table 2.1's XL).
 """
 from raptr_jax.config import base_config, tiny_preset
 
@@ -58,21 +62,23 @@ def get_config(preset: str = ""):
     c.model.num_layers = 12
     c.method.name = "interlocking"
     c.method.interlocking.update(components=4, n=2, aux_head_layers=1)
-  elif preset in ("gpt3_350m", "gpt3_350m_random_ltd"):
-    c.model.update(d_model=1024, num_layers=24, num_heads=16, head_dim=64, mlp_dim=4096,
-                   max_len=2048, remat="dots")
-    c.data.update(seq_len=2048, batch_size=256)
+  elif preset in ("gpt3_350m", "gpt3_350m_random_ltd", "gpt3_1.3b", "gpt3_1.3b_random_ltd"):
+    large = preset.startswith("gpt3_1.3b")
+    c.model.update(d_model=2048 if large else 1024, num_layers=24, num_heads=16, head_dim=128 if large else 64,
+                   mlp_dim=8192 if large else 4096, max_len=2048, remat="dots")
+    c.data.update(seq_len=2048, batch_size=512 if large else 256)
     c.budget.unit, c.budget.value = "tokens", 300e9
     c.optimizer.update(name="adamw", b1=0.9, b2=0.95, weight_decay=0.1, grad_clip=1.0)
-    c.schedule.update(name="cosine", peak=3e-4, warmup=375e6 / 300e9, final=0.1)
+    c.schedule.update(name="cosine", peak=2e-4 if large else 3e-4, warmup=375e6 / 300e9, final=0.1)
     c.eval.update(every=0.01, batches=64)
     c.checkpoint.every = 2000
     c.log.every = 100
-    if preset == "gpt3_350m_random_ltd":
+    if preset.endswith("random_ltd"):
       c.method.name = "random_ltd"
       c.method.random_ltd.update(min_value=128, max_value=2048, seq_per_step=16,
                                  require_fraction=210 / 300, lr="layer_tokens", max_compiles=121)
   elif preset:
     raise ValueError(f"unknown preset {preset!r} for configs/gpt.py; use tiny, tiny_random_ltd, "
-                     "tiny_interlocking, random_ltd, interlocking, gpt3_350m, gpt3_350m_random_ltd or none")
+                     "tiny_interlocking, random_ltd, interlocking, gpt3_350m, gpt3_350m_random_ltd, gpt3_1.3b, "
+                     "gpt3_1.3b_random_ltd or none")
   return c

@@ -230,7 +230,10 @@ def run_aot(cfg, topology_name: str, slices: int = 1, stages: str = "ends"):
 
 
 def to_json(topology, run, steps) -> dict:
+  cfg = run.cfg
   return {"topology": topology.name, "description": topology.description, "mesh": dict(run.mesh.shape),
+          "rows_per_device": cfg.data.batch_size // run_lib.shd.data_parallel_size(run.mesh),
+          "microbatches": cfg.train.microbatches, "remat": cfg.model.remat, "jax": jax.__version__,
           "hbm_bytes": topology.hbm_bytes, "state": state_breakdown(run),
           "steps": [dataclasses.asdict(m) | {"total": m.total} for m in steps]}
 

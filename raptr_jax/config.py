@@ -31,7 +31,11 @@ def base_config() -> ml_collections.ConfigDict:
                   free_hessian=False,          # RST: Sophia's Hessian passes cost nothing
                   free_scoring=False)          # RST: forward-only scoring passes cost nothing
   c.mesh = dict(data=-1, stage=1, fsdp=1, tensor=1)  # stage: pipeline devices (interlocking backprop)
-  c.distributed = dict(initialize=False)  # jax.distributed.initialize() for multi-host runs
+  # Multi-process runs (jax.distributed.initialize): initialize=True with nothing else detects the
+  # cluster (TPU pods, Slurm); or name the coordinator, the process count and this process's id
+  # (several processes on one machine: localhost:PORT); timeout_s: how long to wait for them.
+  c.distributed = dict(initialize=False, coordinator_address="", num_processes=0, process_id=-1,
+                       timeout_s=300)
   c.model = dict(
       family="decoder",                # decoder | bert | t5
       vocab_size=0,                    # 0: the vocabulary's size (padded to a multiple of 128)
@@ -70,6 +74,9 @@ def base_config() -> ml_collections.ConfigDict:
       resample_noise=True,       # False: an example is corrupted the same way every epoch
       holdout_share=0.0,         # > 0: split the training data by example id (RHO loss: 0.2)
       holdout_part="rest",       # the side this run trains on: rest | holdout
+      shards=0,                  # the training stream as this many independent shards, each host
+                                 # reading only its own (batch_size / shards rows each); 0 = one per
+                                 # host. Fix it to keep the batches when the host count changes.
       batch_size=32)
   c.optimizer = dict(
       name="adamw",              # adamw | lion | sophia_g | sophia_h | adafactor
@@ -170,7 +177,9 @@ def base_config() -> ml_collections.ConfigDict:
           glue_task="mnli", tfds_data_dir=""))  # finetune_glue: glue/<task> prepared in tfds
   c.checkpoint = dict(every=200, keep=2, async_save=True)  # every: steps; 0 = only at the end; keep: the
                                                           # newest kept (>= 2, a fallback; 0 = all)
-  c.log = dict(every=10, tensorboard=True, progress_bar=True)
+  c.log = dict(every=10, tensorboard=True, progress_bar=True,
+               profile_steps=(),         # e.g. (10, 12): a jax.profiler trace of steps 10..12 into
+               profile_dir="")           # WORKDIR/profile ("" ) or this folder (TensorBoard, Perfetto)
   c.train = dict(microbatches=1,                # gradient accumulation: the batch in this many
                                                 # microbatches, scanned in one step (same update)
                  peak_flops=0.0,                # 0: the device table (MFU)
@@ -278,6 +287,16 @@ def validate(cfg) -> None:
     raise ValueError(f"log.every must be positive, got {cfg.log.every}")
   from raptr_jax.methods import REGISTRY, get_method  # pylint: disable=g-import-not-at-top  (methods import jax)
   method = get_method(cfg.method.name, cfg)
+  if not (isinstance(cfg.data.shards, int) and cfg.data.shards >= 0):
+    raise ValueError(f"data.shards must be 0 (one per host) or a positive number of stream shards, got "
+                     f"{cfg.data.shards!r}")
+  if cfg.data.shards and cfg.data.batch_size % cfg.data.shards:
+    raise ValueError(f"data.shards={cfg.data.shards} must divide data.batch_size={cfg.data.batch_size} (every "
+                     "shard gives batch_size / shards rows of each batch)")
+  profile = tuple(cfg.log.profile_steps)
+  if profile and not (len(profile) == 2 and all(isinstance(n, int) for n in profile) and 1 <= profile[0] <= profile[1]):
+    raise ValueError(f"log.profile_steps must be () or (first, last) steps to trace, 1 <= first <= last, "
+                     f"got {profile!r}; e.g. --config.log.profile_steps='(10, 12)'")
   micro = cfg.train.microbatches
   if not isinstance(micro, int) or micro < 1 or cfg.data.batch_size % micro:
     raise ValueError(f"train.microbatches={micro!r} must be a positive integer that divides data.batch_size="

@@ -40,9 +40,10 @@ class Run:
   method: Method
   tools: dict = dataclasses.field(default_factory=dict)  # per-run objects of tools (a downstream scorer)
 
-  def device_batch(self, batch):
-    """This host's rows of a global numpy batch as global arrays on the mesh."""
-    return device_batch(batch, self.mesh, self.steps.ctx.batch_fields)
+  def device_batch(self, batch, local: bool = False):
+    """A numpy batch as global arrays on the mesh: this host's rows of a global batch, or
+    (``local``) a batch of this host's rows only (a sharded stream, ``pipeline.HostStream``)."""
+    return device_batch(batch, self.mesh, self.steps.ctx.batch_fields, local)
 
   def transition(self, state, old_index: int, new_index: int):
     """The train state after entering stage ``new_index`` from ``old_index`` (growth), one
@@ -72,11 +73,12 @@ def build_plan(cfg, model_cfg=None) -> plan_lib.Plan:
                        free_scoring=bool(cfg.budget.free_scoring))
 
 
-def device_batch(batch, mesh, fields):
-  """Puts this host's rows of a global numpy batch onto the mesh as global arrays."""
-  local = pipeline.host_rows(batch, jax.process_index(), jax.process_count())
+def device_batch(batch, mesh, fields, local: bool = False):
+  """Puts this host's rows (of a global numpy batch, or ``local``: the batch is its rows) onto
+  the mesh as global arrays."""
+  rows = batch if local else pipeline.host_rows(batch, jax.process_index(), jax.process_count())
   sharding = shd.batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(local[k]))
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(rows[k]))
           for k in fields}
 
 
@@ -98,6 +100,10 @@ def setup(cfg, devices=None) -> Run:
                      "microbatches")
   if cfg.data.batch_size % hosts:
     raise ValueError(f"data.batch_size {cfg.data.batch_size} is not divisible by the {hosts} hosts")
+  if (cfg.data.batch_size // hosts) % micro:
+    raise ValueError(f"train.microbatches={micro} does not divide the {cfg.data.batch_size // hosts} rows of each of "
+                     f"the {hosts} hosts (every host gives rows to every microbatch); use data.batch_size = a "
+                     f"multiple of {hosts * micro}, or fewer microbatches")
   synthetic = cfg.data.source == "synthetic"
   vocab = None if synthetic else load_vocabulary(cfg.data.vocab_path, cfg.data.extra_ids)
   if not (cfg.model.vocab_size or vocab):

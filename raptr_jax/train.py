@@ -25,6 +25,7 @@ import contextlib
 import json
 import math
 import os
+import socket
 import time
 
 import jax
@@ -36,6 +37,7 @@ from raptr_jax import flops as flops_lib
 from raptr_jax import metrics as metrics_lib
 from raptr_jax import plan as plan_lib
 from raptr_jax import preemption as preemption_lib
+from raptr_jax import profiling
 from raptr_jax import rst
 from raptr_jax import workdir as workdir_lib
 from raptr_jax.data import pipeline
@@ -106,13 +108,51 @@ def _check_finite(host_metrics, step, fraction, checkpointer):
         "same command to resume from the latest checkpoint.")
 
 
+def initialize_distributed(d) -> None:
+  """``jax.distributed.initialize`` from the ``distributed`` section. A coordinator that cannot
+  be reached is reported after ``timeout_s`` (JAX itself would abort the process with a stack
+  trace); the coordinator's own port is checked before it starts listening."""
+  if not d.coordinator_address:  # the cluster tells JAX (TPU pods, Slurm, ...)
+    jax.distributed.initialize(initialization_timeout=int(d.timeout_s))
+    return
+  if d.num_processes < 1 or not 0 <= d.process_id < d.num_processes:
+    raise ValueError(f"distributed.coordinator_address is set: distributed.num_processes (>= 1) and "
+                     f"distributed.process_id (0 .. num_processes - 1) must be too, got {d.num_processes} and "
+                     f"{d.process_id}")
+  host, _, port = d.coordinator_address.rpartition(":")
+  if not host or not port.isdigit():
+    raise ValueError(f"distributed.coordinator_address={d.coordinator_address!r} must be HOST:PORT, e.g. localhost:12355")
+  if d.process_id == 0:
+    with socket.socket() as probe:
+      probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+      try:
+        probe.bind(("" if host in ("localhost", "127.0.0.1") else host, int(port)))
+      except OSError as e:
+        raise TrainingError(f"process 0 coordinates the run at {d.coordinator_address}, but cannot listen "
+                            f"there ({e.strerror}): another run may hold the port; choose another port") from None
+  else:
+    deadline = time.monotonic() + float(d.timeout_s)
+    while True:
+      try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+        break
+      except OSError as e:
+        if time.monotonic() > deadline:
+          raise TrainingError(f"process {d.process_id} could not reach the coordinator at {d.coordinator_address} "
+                              f"within distributed.timeout_s={d.timeout_s:g} s ({e.strerror or e}): start process 0 "
+                              "with the same address, check the host name and that the port is open") from None
+        time.sleep(0.5)
+  jax.distributed.initialize(coordinator_address=d.coordinator_address, num_processes=int(d.num_processes),
+                             process_id=int(d.process_id), initialization_timeout=int(d.timeout_s))
+
+
 def train(cfg, workdir: str) -> dict:
   """Trains (or resumes) the run of ``cfg`` in ``workdir``; returns the final metrics.
 
   The workdir is locked for the run (a second run on it is refused); SIGTERM / SIGINT
   checkpoint the current step and raise ``preemption.Preempted`` (a ``SystemExit``)."""
   if cfg.distributed.initialize:
-    jax.distributed.initialize()
+    initialize_distributed(cfg.distributed)
   lead = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   with (preemption_lib.Preemption() as preemption, workdir_lib.WorkdirLock(workdir, enabled=lead),
@@ -127,8 +167,12 @@ def _train(cfg, workdir: str, preemption, lead: bool, checkpointer) -> dict:
   budget = plan.budget
   writer = metrics_lib.MetricWriter(workdir, cfg.log.tensorboard, enabled=lead)
   scoring = plan.scoring  # batch selection: the stream yields candidate batches for its scoring passes
-  stream = pipeline.build_stream(cfg.data, "train", scoring.rows if scoring else cfg.data.batch_size,
-                                 cfg.seed, train=True)
+  # Each host reads its own shards of the training stream; batch selection chooses rows of the
+  # whole candidate batch, so every host reads all of it.
+  num_shards = 1 if scoring else (cfg.data.shards or jax.process_count())
+  stream = pipeline.build_train_stream(cfg.data, scoring.rows if scoring else cfg.data.batch_size, cfg.seed,
+                                       num_shards, jax.process_index(), jax.process_count())
+  local_rows = isinstance(stream, pipeline.HostStream)
   eval_batches = {}  # validation set name ("": data itself, eval/loss) -> its batches
   for name, data_cfg in ({"": cfg.data} | config_lib.eval_sets(cfg)).items():
     val = pipeline.build_stream(data_cfg, "validation", cfg.data.batch_size, cfg.seed, train=False)
@@ -193,7 +237,7 @@ def _train(cfg, workdir: str, preemption, lead: bool, checkpointer) -> dict:
   def save(step, state, progress, tokens):
     checkpointer.save(step, state, expected_meta | {
         "step": step, "progress": progress, "tokens": tokens, "wall_s": wall(), "usage": dict(usage),
-        "stage": state_stage, "data": batches.get_state(), "metrics_rows": writer.rows, "config": config_record},
+        "stage": state_stage, "data": pipeline.gather_state(batches.get_state()), "metrics_rows": writer.rows, "config": config_record},
         feed.state() if feed is not None else None)
 
   if restored is None and cfg.eval.at_start:
@@ -203,6 +247,7 @@ def _train(cfg, workdir: str, preemption, lead: bool, checkpointer) -> dict:
       print(f"step 0: {_eval_text(initial)}")
 
   batches = pipeline.Prefetcher(stream, depth=2)
+  profiler = profiling.StepProfiler(cfg.log.profile_steps, cfg.log.profile_dir or os.path.join(workdir, "profile"))
   feed = run.method.batch_feed(run, batches) if scoring else None
   if feed is not None and feed_state is not None:
     feed.restore(feed_state)
@@ -229,12 +274,14 @@ def _train(cfg, workdir: str, preemption, lead: bool, checkpointer) -> dict:
         batch, passes = feed.next_batch(state.params, step)
       else:
         batch, passes = batches.next_batch(), 0
-      args = (state, run.device_batch(batch), key, jnp.float32(fraction))
+      args = (state, run.device_batch(batch, local_rows), key, jnp.float32(fraction))
       hessian = plan_lib.is_hessian_step(step, hessian_interval)  # Sophia-G
       if hessian:
-        args += (run.device_batch(batches.next_batch()),)
-      state, m = run.steps.train_step(stage, hessian)(*args)
+        args += (run.device_batch(batches.next_batch(), local_rows),)
+      with profiler.step(step + 1):
+        state, m = run.steps.train_step(stage, hessian)(*args)
       step += 1
+      profiler.after(step, m)
       step_tokens = stage.tokens_per_step or plan.tokens_per_step
       tokens += step_tokens + (passes * scoring.tokens if passes else 0)
       charge = plan.charge(stage, hessian, fraction) + plan.scoring_charge(passes)
@@ -302,6 +349,7 @@ def _train(cfg, workdir: str, preemption, lead: bool, checkpointer) -> dict:
           bar.write(f"stopped at step {step} (train.stop_at_step); re-run to resume")
         return {"step": step, "stopped": True, **last}
   finally:
+    profiler.close()
     batches.close()
     bar.close()
     writer.close()

@@ -92,6 +92,10 @@ def test_bad_topologies_meshes_and_a_config_that_does_not_fit(tmp_path):
   assert out.returncode == 1 and "topology v4-8 (4 devices" in out.stderr and "product is 4" in out.stderr
   out, _ = _aot(tmp_path, "--topology=v5e-4", "--slices=2", "--config.mesh.data=1", "--config.mesh.fsdp=-1")
   assert out.returncode == 1 and "mesh.data must be a multiple of 2" in out.stderr
+  # 4 hosts of a v5e-16 with 2 rows each cannot split into 4 microbatches per host.
+  out, _ = _aot(tmp_path, "--topology=v5e-16", "--config.mesh.data=1", "--config.mesh.tensor=-1",
+                "--config.train.microbatches=4")
+  assert out.returncode == 1 and "does not divide the 2 rows of each of the 4 hosts" in out.stderr, out.stderr[-2000:]
   # Full-batch logits of 512 rows x 2048 positions on 4 chips of 16 GiB: the activations dominate.
   out, data = _aot(tmp_path, "--topology=v5e-4", "--config.data.batch_size=512", "--config.data.seq_len=2048",
                    "--config.model.max_len=2048")

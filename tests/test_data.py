@@ -149,3 +149,34 @@ def test_prefetcher_state_names_the_position_after_the_last_batch_handed_out():
 def test_missing_vocabulary_names_the_field():
   with pytest.raises(FileNotFoundError, match="data.vocab_path"):
     load_vocabulary("/nonexistent/spm.model")
+
+
+def test_sharded_stream_is_the_whole_stream_split_by_position_and_resumes_exactly():
+  """data.shards=n: shard k packs the examples at positions k, k + n, ... of each epoch's order;
+  a host's stream is its shards' rows in shard order, its state names every shard, and a state
+  saved with another shard count is refused with the fix."""
+  cfg = base_config().data
+  whole = pipeline.build_train_stream(cfg, 8, 0, 2, 0, 1)          # one host, both shards
+  first = pipeline.build_train_stream(cfg, 8, 0, 2, 0, 2)          # host 0 of 2: shard 0
+  second = pipeline.build_train_stream(cfg, 8, 0, 2, 1, 2)         # host 1 of 2: shard 1
+  ids = lambda b: [[int(i) for i in r if i >= 0] for r in b["example_ids"]]
+  read = {0: [], 1: []}
+  for _ in range(3):
+    b, a0, a1 = whole.next_batch(), first.next_batch(), second.next_batch()
+    assert ids(b) == ids(a0) + ids(a1) and len(ids(a0)) == 4
+    read[0] += [i for r in ids(a0) for i in r]
+    read[1] += [i for r in ids(a1) for i in r]
+  assert not set(read[0]) & set(read[1])
+  # Rows are packed in order, so each shard's examples are its positions of the epoch's order.
+  order = [example_id for example_id, _ in first.streams[0].source.iterate(0, 0)]
+  for k in (0, 1):
+    assert read[k] == order[k::2][:len(read[k])] and len(read[k]) > 8
+  state = whole.get_state()
+  assert state["shards"] == 2 and set(state["states"]) == {"0", "1"}
+  resumed = pipeline.build_train_stream(cfg, 8, 0, 2, 0, 1)
+  resumed.set_state(state)
+  assert ids(resumed.next_batch()) == ids(whole.next_batch())
+  with pytest.raises(ValueError, match="data.shards=2"):
+    pipeline.build_train_stream(cfg, 8, 0, 1, 0, 1).set_state(state)
+  with pytest.raises(ValueError, match="read as 1 shard"):
+    resumed.set_state({"epoch": 0, "cursor": 0})

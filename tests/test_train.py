@@ -148,3 +148,21 @@ def test_raptr_runs_on_the_default_and_tiny_models_and_wraps_no_fixed_layer():
   assert build_schedule(4, fixed=(0, -1))[0].fixed == (0, 3)
   with pytest.raises(ValueError, match="layer 4 is outside the 4-layer model"):
     build_schedule(4, fixed=(0, 4))
+
+
+def test_profile_steps_write_a_trace_into_the_workdir(tiny_config, tmp_path):
+  """log.profile_steps=(2, 3): a jax.profiler trace of those steps (TensorBoard's xplane and
+  Perfetto's trace.json.gz) under WORKDIR/profile; a malformed range is refused at once."""
+  import glob
+  from raptr_jax import config as config_lib
+  from raptr_jax import train as train_lib
+  cfg = tiny_config
+  cfg.budget.value = 4
+  cfg.log.profile_steps = (2, 3)
+  train_lib.train(cfg, str(tmp_path / "w"))
+  runs = glob.glob(str(tmp_path / "w" / "profile" / "plugins" / "profile" / "*"))
+  assert len(runs) == 1
+  assert glob.glob(os.path.join(runs[0], "*.xplane.pb")) and glob.glob(os.path.join(runs[0], "*.trace.json.gz"))
+  cfg.log.profile_steps = (3, 2)
+  with pytest.raises(ValueError, match="log.profile_steps"):
+    config_lib.validate(cfg)

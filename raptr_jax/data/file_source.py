@@ -91,12 +91,14 @@ class FileSource:
   def __len__(self) -> int:
     return len(self.ids)
 
-  def iterate(self, epoch: int, start: int) -> Iterator[tuple[int, np.ndarray]]:
+  def iterate(self, epoch: int, start: int, shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[int, np.ndarray]]:
+    """The epoch's chunks from ``start`` on (``shard`` (k, n): positions k, k + n, ... of the
+    order only, so a host reads only its chunks' bytes of the memory-mapped cache)."""
     order = np.arange(len(self.ids))
     if self.shuffle:
       order = np.random.default_rng([self.seed, epoch, 0xF11E5]).permutation(len(self.ids))
     tokens = self.cache.tokens
-    for i in order[start:]:
+    for i in order[shard[0]::shard[1]][start:]:
       yield int(self.ids[i]), np.asarray(tokens[self.offsets[i]:self.offsets[i] + self.lengths[i]], np.int32)
 
 

@@ -48,10 +48,11 @@ class HoldoutSplit:
     self.stable_ids = True
     self.version = getattr(source, "version", None)
 
-  def iterate(self, epoch: int, start: int) -> Iterator[tuple[int, np.ndarray]]:
+  def iterate(self, epoch: int, start: int, shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[int, np.ndarray]]:
     want = self.part == "holdout"
     position = 0
-    for example_id, tokens in self.source.iterate(epoch, 0):
+    inner = self.source.iterate(epoch, 0) if shard == (0, 1) else self.source.iterate(epoch, 0, shard=shard)
+    for example_id, tokens in inner:
       if bool(in_holdout(example_id, self.share)) != want:
         continue
       if position >= start:

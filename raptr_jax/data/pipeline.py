@@ -5,8 +5,17 @@ objective randomness comes from ``(noise seed, example id, epoch)`` (``data.nois
 run's seed), or from ``(noise seed, example id)`` alone with ``data.resample_noise=False``, so an
 example is masked the same way in every epoch and by every run (RHO loss needs that). The stream's whole state is
 ``{"epoch", "cursor"}`` (the next example to place), saved with every checkpoint, so a resumed
-run sees exactly the batches an uninterrupted one would. Every host builds the same global batch
-and keeps its own rows (``host_rows``), which keeps multi-host runs in lockstep.
+run sees exactly the batches an uninterrupted one would.
+
+The training stream can be read as ``data.shards`` independent shards (default one per host):
+shard ``k`` of ``n`` packs the examples at positions ``k, k + n, ...`` of each epoch's order into
+``batch_size / n`` rows, and a global batch is the shards' rows in shard order. Each host builds
+only its own shards (``HostStream``; seqio / tfds read only their file shards, files and the
+built-in corpus only their examples), so no host reads the others' rows; example ids stay global.
+The batches depend on the shard count, not on the host count, so a run with ``data.shards``
+fixed gives the same batches on any number of hosts that divides it. Validation streams and
+batch selection's candidate stream are read whole by every host, which keeps their row
+selection and finite ends in lockstep (``host_rows`` keeps a host's rows of a global batch).
 """
 from typing import Iterator
 
@@ -26,11 +35,13 @@ class ListSource:
       raise ValueError("the data stream has no examples")
     self.examples, self.seed, self.shuffle = examples, seed, shuffle
 
-  def iterate(self, epoch: int, start: int) -> Iterator[tuple[int, np.ndarray]]:
+  def iterate(self, epoch: int, start: int, shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[int, np.ndarray]]:
+    """The epoch's examples from ``start`` on; ``shard`` (k, n): only positions k, k + n, ... of
+    its order (``start`` counts within the shard)."""
     order = np.arange(len(self.examples))
     if self.shuffle:
       order = np.random.default_rng([self.seed, epoch, 0x5EED]).permutation(len(self.examples))
-    for i in order[start:]:
+    for i in order[shard[0]::shard[1]][start:]:
       yield self.examples[i]
 
 
@@ -45,7 +56,8 @@ class PackedStream:
   placed in a row, so resuming re-creates exactly the rows that would have followed."""
 
   def __init__(self, source, objective, batch_size: int, seed: int, repeat: bool,
-               max_segments: int = MAX_SEGMENTS, noise_seed: int | None = None, resample_noise: bool = True):
+               max_segments: int = MAX_SEGMENTS, noise_seed: int | None = None, resample_noise: bool = True,
+               shard: tuple[int, int] = (0, 1)):
     if not isinstance(objective, objectives.Objective):
       raise TypeError("PackedStream needs an objectives.Objective (see data.build.build_objective)")
     self.source = source
@@ -56,6 +68,7 @@ class PackedStream:
     self.max_segments = max_segments
     self.noise_seed = seed if noise_seed is None else noise_seed
     self.resample_noise = resample_noise
+    self.shard = tuple(shard)  # (k, n): this stream reads shard k of n of the source
     self.set_state({"epoch": 0, "cursor": 0})
 
   @property
@@ -70,6 +83,10 @@ class PackedStream:
   def set_state(self, state: dict, allow_changed_source: bool = False) -> None:
     """Positions the stream at ``state``; a source whose content changed since (files a
     ``version`` tells apart, e.g. files added to a glob) is refused unless allowed."""
+    if "shards" in state:
+      raise ValueError(f"the checkpoint's data position is for the training stream read as {state['shards']} shards, "
+                       f"this run reads it whole: resume with --config.data.shards={state['shards']}, or use a "
+                       "fresh --workdir")
     version = getattr(self.source, "version", None)
     if version and state.get("source", version) != version and not allow_changed_source:
       raise ValueError(f"the training data changed since this position was saved ({state['source']} there, "
@@ -79,15 +96,20 @@ class PackedStream:
     self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
     self._iter, self._pending = None, None
 
+  def _iterate(self, epoch: int, start: int):
+    if self.shard == (0, 1):
+      return self.source.iterate(epoch, start)
+    return self.source.iterate(epoch, start, shard=self.shard)
+
   def _next_example(self):
     """The next example not yet placed (the same one until it is), or None at the end."""
     if self._pending is None:
       if self._iter is None:
-        self._iter = self.source.iterate(self.epoch, self.cursor)
+        self._iter = self._iterate(self.epoch, self.cursor)
       item = next(self._iter, None)
       if item is None and self.repeat and self.cursor > 0:
         self.epoch, self.cursor = self.epoch + 1, 0
-        self._iter = self.source.iterate(self.epoch, 0)
+        self._iter = self._iterate(self.epoch, 0)
         item = next(self._iter, None)
       if item is None:
         return None
@@ -122,6 +144,73 @@ class PackedStream:
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     while (batch := self.next_batch()) is not None:
       yield batch
+
+
+class HostStream:
+  """This host's shards of a sharded training stream (see the module doc): each batch is the
+  host's rows only, its shards' rows in shard order. Its state names every shard of the run
+  (``gather_state`` collects the other hosts' at a checkpoint)."""
+
+  def __init__(self, streams: dict[int, PackedStream], num_shards: int):
+    self.streams, self.num_shards = dict(sorted(streams.items())), num_shards
+    self.source = next(iter(self.streams.values())).source
+
+  @property
+  def seq_len(self) -> int:
+    return next(iter(self.streams.values())).seq_len
+
+  def next_batch(self):
+    parts = [s.next_batch() for s in self.streams.values()]
+    if any(p is None for p in parts):  # the training stream repeats: only an empty source ends it
+      return None
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+  def get_state(self) -> dict:
+    return {"shards": self.num_shards, "states": {str(k): s.get_state() for k, s in self.streams.items()}}
+
+  def set_state(self, state: dict, allow_changed_source: bool = False) -> None:
+    saved = int(state.get("shards", 1))
+    if saved != self.num_shards:
+      raise ValueError(f"the checkpoint's data position is for the training stream read as {saved} shard(s), this run "
+                       f"reads it as {self.num_shards} (data.shards=0 is one per host): resume with "
+                       f"--config.data.shards={saved} (a multiple of the host count), or use a fresh --workdir")
+    for k, stream in self.streams.items():
+      stream.set_state(state["states"][str(k)], allow_changed_source)
+
+  def __iter__(self):
+    while (batch := self.next_batch()) is not None:
+      yield batch
+
+
+def gather_state(state: dict) -> dict:
+  """A sharded stream's state with every host's shards (a collective: every host calls it at
+  the same step); anything else as it is."""
+  import jax  # pylint: disable=g-import-not-at-top  (the data pipeline does not need jax otherwise)
+  if "shards" not in state or jax.process_count() == 1:
+    return state
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  n = int(state["shards"])
+  table = np.full((n, 2), -1, np.int64)
+  for k, s in state["states"].items():
+    table[int(k)] = (s["epoch"], s["cursor"])
+  table = np.max(np.asarray(multihost_utils.process_allgather(table)), axis=0)
+  extra = {k: v for k, v in next(iter(state["states"].values())).items() if k not in ("epoch", "cursor")}
+  return {"shards": n, "states": {str(k): {"epoch": int(e), "cursor": int(c)} | extra for k, (e, c) in enumerate(table)}}
+
+
+def build_train_stream(data_cfg, batch_size: int, seed: int, num_shards: int, process_index: int,
+                       process_count: int, holdout_part: str | None = None):
+  """The training stream of this host: the whole stream (``num_shards`` 1, every host builds the
+  global batch) or its own shards (``HostStream``, this host's rows only)."""
+  if num_shards == 1:
+    return build_stream(data_cfg, "train", batch_size, seed, train=True, holdout_part=holdout_part)
+  if num_shards % process_count or batch_size % num_shards:
+    raise ValueError(f"the training stream in {num_shards} shards over {process_count} hosts of batch {batch_size}: "
+                     "the shard count must be a multiple of the hosts and divide data.batch_size; set data.shards")
+  per_host = num_shards // process_count
+  mine = range(process_index * per_host, (process_index + 1) * per_host)
+  return HostStream({k: build_stream(data_cfg, "train", batch_size // num_shards, seed, train=True,
+                                     holdout_part=holdout_part, shard=(k, num_shards)) for k in mine}, num_shards)
 
 
 def host_rows(batch: dict[str, np.ndarray], process_index: int, process_count: int):
@@ -170,7 +259,7 @@ def noise_seed(data_cfg, seed: int) -> int:
 
 
 def build_stream(data_cfg, split: str, batch_size: int, seed: int, train: bool,
-                 holdout_part: str | None = None) -> PackedStream:
+                 holdout_part: str | None = None, shard: tuple[int, int] = (0, 1)) -> PackedStream:
   """The stream a config asks for: the built-in corpus, your own files (``file_source.py``), or
   prepared tfds datasets via seqio (``tfds_source.py``).
 
@@ -195,7 +284,7 @@ def build_stream(data_cfg, split: str, batch_size: int, seed: int, train: bool,
     from raptr_jax.data.holdout import HoldoutSplit  # pylint: disable=g-import-not-at-top
     source = HoldoutSplit(source, data_cfg.holdout_share, holdout_part or data_cfg.holdout_part)
   return PackedStream(source, objective, batch_size, seed, repeat=train,
-                      noise_seed=noise_seed(data_cfg, seed), resample_noise=data_cfg.resample_noise)
+                      noise_seed=noise_seed(data_cfg, seed), resample_noise=data_cfg.resample_noise, shard=shard)
 
 
 def documents(data_cfg, split: str):

@@ -135,10 +135,12 @@ class CorpusSource:
     for part, task in zip(self.parts, self.tasks):
       _check_prepared(self.source, part, task, split, data_dir)
 
-  def _documents(self, task, epoch: int, part_index: int) -> Iterator[tuple[int, np.ndarray]]:
+  def _documents(self, task, epoch: int, part_index: int, shard=(0, 1)) -> Iterator[tuple[int, np.ndarray]]:
+    seqio = tf_env.data_stack()[1]
+    info = seqio.ShardInfo(index=shard[0], num_shards=shard[1]) if shard[1] > 1 else None
     ds = task.get_dataset(sequence_length=None, split=self.split, shuffle=self.shuffle,
                           seed=int(np.random.default_rng([self.seed, epoch, part_index]).integers(1 << 31)),
-                          num_epochs=1, use_cached=False, try_in_mem_cache=False)
+                          num_epochs=1, use_cached=False, try_in_mem_cache=False, shard_info=info)
     for ex in ds.as_numpy_iterator():
       yield int(ex["doc_hash"]), np.asarray(ex["targets"], np.int32)
 
@@ -149,12 +151,14 @@ class CorpusSource:
         if len(chunk) >= corpus.MIN_CHUNK_TOKENS and c < MAX_CHUNKS_PER_DOC:
           yield doc_hash * MAX_CHUNKS_PER_DOC + c, chunk
 
-  def iterate(self, epoch: int, start: int) -> Iterator[tuple[int, np.ndarray]]:
-    streams = [self._chunks(self._documents(t, epoch, i)) for i, t in enumerate(self.tasks)]
+  def iterate(self, epoch: int, start: int, shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[int, np.ndarray]]:
+    """The epoch's chunks from ``start`` on; ``shard`` (k, n): seqio reads only shard k of n of
+    each dataset (tfds file shards), and the mixture draws its own sequence."""
+    streams = [self._chunks(self._documents(t, epoch, i, shard)) for i, t in enumerate(self.tasks)]
     if len(streams) == 1:
       pick = lambda: 0
     else:
-      draws = np.random.default_rng([self.seed, epoch, 0x313])
+      draws = np.random.default_rng([self.seed, epoch, 0x313] + ([shard[0], shard[1]] if shard[1] > 1 else []))
       pick = lambda: int(draws.choice(len(streams), p=self.probs))
     position = 0
     while True:

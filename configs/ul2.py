@@ -12,8 +12,9 @@ Presets:
 * ``paper``: RaPTr Appendix D.5 UL2-1.6B: 24 layers, batch 512, seq 512, 400k steps, Adafactor
   (factored second moments, decay 0.8, update clipping 1.0, no momentum, no parameter scaling),
   peak LR 1e-2 with 10k warmup steps and cosine decay to 0.1x peak. The paper does not list the
-  width; we use d_model 2048, 16 heads of 128, gated-GELU MLP 8192 (1.6B parameters with the
-  32k T5 vocabulary). It needs a real dataset and vocabulary (data.source, data.vocab_path).
+  width; we use d_model 2048, 16 heads of 128, gated-GELU MLP 8192 (1.6B parameters in the
+  layers, 1.74B with the 32k T5 vocabulary's embedding and head). It needs a real dataset and
+  vocabulary (data.source, data.vocab_path).
 """
 from raptr_jax.config import base_config, tiny_preset
 

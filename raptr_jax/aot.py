@@ -234,6 +234,7 @@ def to_json(topology, run, steps) -> dict:
   return {"topology": topology.name, "description": topology.description, "mesh": dict(run.mesh.shape),
           "rows_per_device": cfg.data.batch_size // run_lib.shd.data_parallel_size(run.mesh),
           "microbatches": cfg.train.microbatches, "remat": cfg.model.remat, "jax": jax.__version__,
+          "parameters": sum(int(np.prod(p.shape)) for p in jax.tree.leaves(run.abstract_state.params)),
           "hbm_bytes": topology.hbm_bytes, "state": state_breakdown(run),
           "steps": [dataclasses.asdict(m) | {"total": m.total} for m in steps]}
 

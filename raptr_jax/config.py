@@ -77,6 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
       shards=0,                  # the training stream as this many independent shards, each host
                                  # reading only its own (batch_size / shards rows each); 0 = one per
                                  # host. Fix it to keep the batches when the host count changes.
+                                 # (Batch selection reads its candidate stream whole: 1.)
       batch_size=32)
   c.optimizer = dict(
       name="adamw",              # adamw | lion | sophia_g | sophia_h | adafactor

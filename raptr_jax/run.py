@@ -74,12 +74,38 @@ def build_plan(cfg, model_cfg=None) -> plan_lib.Plan:
 
 
 def device_batch(batch, mesh, fields, local: bool = False):
-  """Puts this host's rows (of a global numpy batch, or ``local``: the batch is its rows) onto
-  the mesh as global arrays."""
-  rows = batch if local else pipeline.host_rows(batch, jax.process_index(), jax.process_count())
+  """A numpy batch onto the mesh as global arrays, each device given exactly its rows (a TPU
+  mesh orders devices along the torus, so a host's rows need not be one contiguous block).
+
+  A global batch (every host holds all of it) keeps its row order on the mesh, which batch
+  selection relies on (it reads scores back by row). A ``local`` batch is this host's rows only
+  (``pipeline.HostStream``): they fill, in order, the rows the mesh gives this host's devices."""
   sharding = shd.batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(rows[k]))
-          for k in fields}
+  n = len(batch[fields[0]])
+  total = n * jax.process_count() if local else n
+  if local:
+    mine = host_batch_rows(sharding, total)
+    if len(mine) != n:
+      raise ValueError(f"this host's devices hold {len(mine)} of the batch's {total} rows, but its stream shards give "
+                       f"{n}: with several hosts reading their own shards, mesh.data x mesh.fsdp must be a multiple "
+                       f"of the {jax.process_count()} hosts (or set data.shards=1: every host reads the whole stream)")
+    position = np.zeros(total, np.int64)
+    position[mine] = np.arange(n)
+  out = {}
+  for k in fields:
+    x = np.asarray(batch[k])
+    pick = (lambda idx, x=x: x[idx]) if not local else (
+        lambda idx, x=x: x[(position[np.arange(total)[idx[0]]], *idx[1:])])
+    out[k] = jax.make_array_from_callback((total, *x.shape[1:]), sharding, pick)
+  return out
+
+
+def host_batch_rows(sharding, rows: int) -> np.ndarray:
+  """The batch rows (sorted) that this host's devices hold under ``sharding``."""
+  held = set()
+  for index in sharding.addressable_devices_indices_map((rows,)).values():
+    held.update(range(*index[0].indices(rows)))
+  return np.asarray(sorted(held), np.int64)
 
 
 def setup(cfg, devices=None) -> Run:

@@ -172,8 +172,10 @@ def constrain(x, axes):
   """``x`` with the sharding its logical ``axes`` (``ACTIVATION_RULES``) give on the active
   mesh (``activation_sharding``); unchanged outside a step or on one device."""
   mesh = _ACTIVATION_MESH.get()
-  if mesh is None or mesh.size == 1:
+  if mesh is None:
     return x
   if len(axes) != x.ndim:
     raise ValueError(f"constrain: {len(axes)} logical axes {axes} for an array of shape {x.shape}")
+  if mesh.size == 1:
+    return x
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec_for(axes, x.shape, mesh, ACTIVATION_RULES)))

@@ -103,7 +103,7 @@ def get_topology(name: str, slices: int = 1) -> Topology:
     raise RuntimeError("compiling for a TPU topology needs the libtpu wheel (no TPU needed): "
                        "pip install -e '.[tpu]'  (libtpu 0.0.42.* for jax 0.10.x)")
   _quiet_libtpu(f"{generation}-{math.prod(grid) * (2 if gen.cores_in_name else 1)}")
-  bounds = tuple(min(2, n) for n in grid) + (1,) * (3 - len(grid))
+  bounds = host_bounds(grid)
   topo = topologies.get_topology_desc(
       platform="tpu", topology_name=f"{generation}:{'x'.join(map(str, grid))}", chip_config_name=gen.chip_config,
       chips_per_host_bounds=bounds, num_slices=slices)
@@ -111,6 +111,14 @@ def get_topology(name: str, slices: int = 1) -> Topology:
   return Topology(name, tuple(topo.devices), gen.hbm_bytes,
                   f"{generation} {'x'.join(map(str, grid))}, {chips} chips x {slices} slice(s), "
                   f"{len(topo.devices)} devices, {gen.hbm_bytes / GiB:.0f} GiB HBM each")
+
+
+def host_bounds(grid: tuple[int, ...]) -> tuple[int, int, int]:
+  """The chips of one host: 2x2x1 on v4 / v5p; on v5e / v6e the whole slice up to 8 chips (one
+  host), else 2x2."""
+  if len(grid) == 3 or math.prod(grid) > 8:
+    return (2, 2, 1)
+  return (*grid, 1)
 
 
 def _quiet_libtpu(accelerator: str):

@@ -20,6 +20,11 @@ the newest checkpoint that reads back intact (corrupt ones are set aside,
 (``workdir.check_resume``); ``metrics.jsonl`` and TensorBoard keep each step once
 (``metrics.MetricWriter.start``); SIGTERM / SIGINT finish the step, checkpoint it and raise
 ``preemption.Preempted``.
+
+Several processes (``distributed``, ``initialize_distributed``): each host reads only its shards
+of the training stream (``pipeline.HostStream``, ``data.shards``) and puts its rows on the mesh;
+a checkpoint gathers every shard's position. ``log.profile_steps`` traces chosen steps
+(``profiling.StepProfiler``).
 """
 import contextlib
 import json
@@ -39,6 +44,7 @@ from raptr_jax import plan as plan_lib
 from raptr_jax import preemption as preemption_lib
 from raptr_jax import profiling
 from raptr_jax import rst
+from raptr_jax import sharding as shd
 from raptr_jax import workdir as workdir_lib
 from raptr_jax.data import pipeline
 from raptr_jax.run import Run, evaluate
@@ -126,7 +132,7 @@ def initialize_distributed(d) -> None:
     with socket.socket() as probe:
       probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
       try:
-        probe.bind(("" if host in ("localhost", "127.0.0.1") else host, int(port)))
+        probe.bind(("", int(port)))  # JAX's coordinator listens on every interface
       except OSError as e:
         raise TrainingError(f"process 0 coordinates the run at {d.coordinator_address}, but cannot listen "
                             f"there ({e.strerror}): another run may hold the port; choose another port") from None
@@ -173,6 +179,10 @@ def _train(cfg, workdir: str, preemption, lead: bool, checkpointer) -> dict:
   stream = pipeline.build_train_stream(cfg.data, scoring.rows if scoring else cfg.data.batch_size, cfg.seed,
                                        num_shards, jax.process_index(), jax.process_count())
   local_rows = isinstance(stream, pipeline.HostStream)
+  if local_rows and shd.data_parallel_size(mesh) % jax.process_count():
+    raise ValueError(f"mesh {dict(mesh.shape)}: each of the {jax.process_count()} hosts reads its own shards of the "
+                     "training stream, so mesh.data x mesh.fsdp must be a multiple of the host count; change the "
+                     "mesh, or set data.shards=1 (every host reads the whole stream)")
   eval_batches = {}  # validation set name ("": data itself, eval/loss) -> its batches
   for name, data_cfg in ({"": cfg.data} | config_lib.eval_sets(cfg)).items():
     val = pipeline.build_stream(data_cfg, "validation", cfg.data.batch_size, cfg.seed, train=False)

@@ -27,7 +27,8 @@ import sys
 HOW_NOT_WHAT = ("log.", "checkpoint.", "eval.every", "eval.at_start", "eval.sets", "eval.batches", "train.stop_at_step",
                 "train.peak_flops", "train.allow_config_changes", "distributed.", "data.tfds_data_dir",
                 "data.token_cache", "downstream.", "mesh.", "model.remat", "model.attention_impl",
-                "train.microbatches")
+                "train.microbatches",
+                "data.shards")  # a changed effective shard count is refused by the stream's own state
 
 
 class WorkdirBusy(RuntimeError):

@@ -19,7 +19,6 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import load_config, quiet  # pylint: disable=wrong-import-position
 from raptr_jax import run as run_lib  # pylint: disable=wrong-import-position
-from raptr_jax import sharding as shd  # pylint: disable=wrong-import-position
 from raptr_jax.data import pipeline  # pylint: disable=wrong-import-position
 
 
@@ -50,12 +49,7 @@ def _config(mode: dict, stage: int):
 
 def _setup(cfg, devices):
   """``run_lib.setup`` on ``devices`` (the first device alone: the single-device version)."""
-  make_mesh = shd.make_mesh
-  shd.make_mesh = lambda mesh_cfg: make_mesh(mesh_cfg, devices)
-  try:
-    return run_lib.setup(cfg)
-  finally:
-    shd.make_mesh = make_mesh
+  return run_lib.setup(cfg, devices=devices)
 
 
 def _relative(a, b) -> float:

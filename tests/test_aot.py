@@ -31,6 +31,13 @@ def test_slice_names_give_the_cloud_tpu_chip_grids():
   assert topology.parse("V5P:4x4x8") == ("v5p", (4, 4, 8))
 
 
+def test_hosts_hold_four_chips_of_a_3d_slice_and_up_to_eight_of_a_2d_one():
+  assert topology.host_bounds((4, 4, 4)) == (2, 2, 1)   # v5p-128: 16 hosts
+  assert topology.host_bounds((2, 4)) == (2, 4, 1)      # v5e-8: one host
+  assert topology.host_bounds((4, 4)) == (2, 2, 1)      # v5e-16: 4 hosts
+  assert topology.host_bounds((1, 1)) == (1, 1, 1)
+
+
 @pytest.mark.parametrize("name,message", [
     ("v9-8", "unknown topology 'v9-8'"), ("tpu", "unknown topology"), ("v4-7", "two per chip"),
     ("v5e-6", "power-of-two"), ("v4-4", "at least 4"), ("v5e:2x2x2", "2-D chip grid")])

@@ -69,9 +69,11 @@ def test_two_processes_of_four_devices_train_as_one_of_eight(tmp_path):
   # (The prefetcher reads ahead of the stop: the resumed run's batches follow the 3 used ones.)
   whole = _ids(tmp_path / "ids_single.jsonl")
   first, second = [_ids(tmp_path / f"ids_{i}.jsonl") for i in range(2)]
-  resumed = [i for i, batch in enumerate(first) if i > 3 and batch == first[3]]
-  assert resumed, "the resumed run did not start at the 4th batch"
-  first, second = first[:3] + first[resumed[0]:], second[:3] + second[resumed[0]:]
+  def used(read):  # each process read ahead on its own: its resumed run starts again at batch 4
+    again = [i for i, batch in enumerate(read) if i > 3 and batch == read[3]]
+    assert again, "the resumed run did not start at the 4th batch"
+    return read[:3] + read[again[0]:]
+  first, second = used(first), used(second)
   steps = min(len(first), len(second), len(whole))
   assert steps >= STEPS
   for batch, a, b in zip(whole[:steps], first, second):

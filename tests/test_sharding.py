@@ -92,8 +92,10 @@ def test_constrain_is_identity_outside_a_step_and_checks_rank():
   x = jnp.ones((4, 8, 16))
   assert shd.constrain(x, ("batch", "length", "embed")) is x
   mesh = shd.make_mesh({"data": 1})
-  with shd.activation_sharding(mesh):  # one device: nothing to pin
+  with shd.activation_sharding(mesh):  # one device: nothing to pin, but the axes must fit
     assert shd.constrain(x, ("batch", "length", "embed")) is x
+    with pytest.raises(ValueError, match="2 logical axes"):
+      shd.constrain(x, ("batch", "length"))
 
 
 @pytest.mark.parametrize("config", ["ul2", "t5"])

@@ -133,3 +133,25 @@ def test_the_cli_reports_an_unprepared_dataset_without_tensorflow_log_noise(tmp_
   assert "raptr_jax.data.tfds_builders minipile" in out.stderr
   lines = [line for line in out.stderr.splitlines() if line.strip()]
   assert len(lines) == 1 and lines[0].startswith("error: data.source='minipile'"), out.stderr
+
+
+def test_sharded_tfds_stream_reads_disjoint_examples_per_host(tmp_path, monkeypatch):
+  """data.shards=2 over seqio: each host's stream reads its shard (seqio shard_info), the two
+  together read each example of the epoch once. Mock data has no files to list: it stands for
+  a dataset of one file, which seqio shards by example (with a warning from us: every host
+  reads the file); with as many files as shards seqio gives each host its own files."""
+  import seqio
+  monkeypatch.setattr(seqio.TfdsDataSource, "list_shards", lambda self, split: ["one-file"])
+  cfg = data_config(tmp_path)
+  with tfds.testing.mock_data(num_examples=40), pytest.warns(UserWarning, match="every shard reads every file"):
+    whole = set(first_epoch_ids(cfg, 0))
+    per_host = []
+    for k in (0, 1):
+      stream = pipeline.build_train_stream(cfg, 4, 0, 2, k, 2)
+      ids = []
+      while stream.get_state()["states"][str(k)]["epoch"] == 0:
+        b = stream.next_batch()
+        ids += b["example_ids"][b["example_ids"] >= 0].tolist()
+      per_host.append(set(ids))
+  assert per_host[0] and per_host[1] and not per_host[0] & per_host[1]
+  assert per_host[0] | per_host[1] == whole

@@ -161,8 +161,10 @@ class HostStream:
 
   def next_batch(self):
     parts = [s.next_batch() for s in self.streams.values()]
-    if any(p is None for p in parts):  # the training stream repeats: only an empty source ends it
-      return None
+    empty = [k for k, p in zip(self.streams, parts) if p is None]
+    if empty:  # a repeating stream ends only when its shard of the source is empty
+      raise ValueError(f"shard(s) {empty} of the training stream's {self.num_shards} have no examples: the training "
+                       f"data has fewer examples than data.shards; use fewer shards (data.shards) or more data")
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
   def get_state(self) -> dict:
@@ -173,7 +175,7 @@ class HostStream:
     if saved != self.num_shards:
       raise ValueError(f"the checkpoint's data position is for the training stream read as {saved} shard(s), this run "
                        f"reads it as {self.num_shards} (data.shards=0 is one per host): resume with "
-                       f"--config.data.shards={saved} (a multiple of the host count), or use a fresh --workdir")
+                       f"--config.data.shards={saved} on a number of hosts that divides {saved}, or use a fresh --workdir")
     for k, stream in self.streams.items():
       stream.set_state(state["states"][str(k)], allow_changed_source)
 
@@ -189,13 +191,14 @@ def gather_state(state: dict) -> dict:
   if "shards" not in state or jax.process_count() == 1:
     return state
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  n = int(state["shards"])
-  table = np.full((n, 2), -1, np.int64)
+  n, base = int(state["shards"]), 1 << 30
+  table = np.full((n, 3), -1, np.int32)  # epoch, cursor // 2^30, cursor % 2^30 (int32 collectives)
   for k, s in state["states"].items():
-    table[int(k)] = (s["epoch"], s["cursor"])
-  table = np.max(np.asarray(multihost_utils.process_allgather(table)), axis=0)
+    table[int(k)] = (s["epoch"], s["cursor"] // base, s["cursor"] % base)
+  table = np.max(np.asarray(multihost_utils.process_allgather(table)), axis=0).astype(np.int64)
   extra = {k: v for k, v in next(iter(state["states"].values())).items() if k not in ("epoch", "cursor")}
-  return {"shards": n, "states": {str(k): {"epoch": int(e), "cursor": int(c)} | extra for k, (e, c) in enumerate(table)}}
+  return {"shards": n, "states": {str(k): {"epoch": int(e), "cursor": int(hi) * base + int(lo)} | extra
+                                  for k, (e, hi, lo) in enumerate(table)}}
 
 
 def build_train_stream(data_cfg, batch_size: int, seed: int, num_shards: int, process_index: int,

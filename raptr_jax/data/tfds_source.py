@@ -20,6 +20,7 @@ raptr_jax does at import time.
 """
 import dataclasses
 import hashlib
+import warnings
 from typing import Iterator
 
 import numpy as np
@@ -138,6 +139,16 @@ class CorpusSource:
   def _documents(self, task, epoch: int, part_index: int, shard=(0, 1)) -> Iterator[tuple[int, np.ndarray]]:
     seqio = tf_env.data_stack()[1]
     info = seqio.ShardInfo(index=shard[0], num_shards=shard[1]) if shard[1] > 1 else None
+    if info is not None and epoch == 0 and shard[0] == 0:
+      try:
+        files = len(task.source.list_shards(self.split))
+      except Exception:  # pylint: disable=broad-except  (not listable, e.g. tfds.testing.mock_data)
+        files = shard[1]
+      if files % shard[1]:
+        warnings.warn(f"{task.name} ({self.split}) has {files} files for {shard[1]} stream shards (data.shards): "
+                      + ("every shard reads every file and keeps every n-th example" if files < shard[1] else
+                         "the shards get unequal numbers of files, so their examples repeat at different rates")
+                      + "; a file count that data.shards divides reads each file once", stacklevel=2)
     ds = task.get_dataset(sequence_length=None, split=self.split, shuffle=self.shuffle,
                           seed=int(np.random.default_rng([self.seed, epoch, part_index]).integers(1 << 31)),
                           num_epochs=1, use_cached=False, try_in_mem_cache=False, shard_info=info)

@@ -257,10 +257,9 @@ def main(argv):
 
 if __name__ == "__main__":
   from absl import app, flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  from raptr_jax import main as main_lib  # pylint: disable=g-import-not-at-top  (--config, its errors)
+  from raptr_jax import cli  # pylint: disable=g-import-not-at-top  (--config, its errors)
   flags.DEFINE_string("topology", None, f"TPU slice ({topology_lib.EXAMPLES})", required=True)
   flags.DEFINE_integer("slices", 1, "TPU slices joined over DCN (multislice)")
   flags.DEFINE_string("stages", "ends", "which stages' steps: ends (first and last), all, or indices 0,2")
   flags.DEFINE_string("report", None, "also write the figures to this JSON file")
-  app.run(main, flags_parser=main_lib.parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

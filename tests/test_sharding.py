@@ -101,11 +101,11 @@ def test_constrain_is_identity_outside_a_step_and_checks_rank():
 @pytest.mark.parametrize("config", ["ul2", "t5"])
 def test_fsdp_shards_activations_like_data_parallelism(config):
   """The compiled train step's per-device temporaries on 8 devices are about the same for
-  data=8, fsdp=8 and data=2 x fsdp=4 (before the activation constraints, fsdp=8 kept
+  data=8, fsdp=8, data=2 x fsdp=4 and data=2 x fsdp=2 x tensor=2 (before the activation constraints, fsdp=8 kept
   full-batch activations and logits: 6.4x data=8's temporaries), and the three give the same
   losses and parameters."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "tests/fsdp_memory_check.py", config, "8,1,1", "1,8,1", "2,4,1"],
+  out = subprocess.run([sys.executable, "tests/fsdp_memory_check.py", config, "8,1,1", "1,8,1", "2,4,1", "2,2,2"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "Involuntary full rematerialization" not in out.stderr  # no re-sharding by replication
@@ -115,6 +115,6 @@ def test_fsdp_shards_activations_like_data_parallelism(config):
   # FSDP shards the parameters: 8x fewer argument bytes than replicating them (the batch aside).
   assert results["1,8,1"]["arguments"] < 0.25 * results["8,1,1"]["arguments"]
   data = results["8,1,1"]
-  for mesh in ("1,8,1", "2,4,1"):
+  for mesh in ("1,8,1", "2,4,1", "2,2,2"):  # 2,2,2: heads, MLP units and vocabulary over tensor too
     np.testing.assert_allclose(results[mesh]["losses"], data["losses"], rtol=1e-5)
     np.testing.assert_allclose(results[mesh]["param_sums"], data["param_sums"], rtol=1e-5)

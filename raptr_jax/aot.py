@@ -60,9 +60,13 @@ def abstract_batch(run, rows: int | None = None):
   cfg = run.cfg
   rows = rows or cfg.data.batch_size
   one = synthetic_batch(1, cfg.data.seq_len, 8, family=cfg.model.family, target_len=target_length(cfg.data))
-  sharding = jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec(run_lib.shd.BATCH_AXES))
+  sharding = run_lib.shd.batch_sharding(run.mesh)
   return {k: jax.ShapeDtypeStruct((rows, *one[k].shape[1:]), one[k].dtype, sharding=sharding)
           for k in run.steps.ctx.batch_fields}
+
+
+def parameter_count(run) -> int:
+  return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(run.abstract_state.params))
 
 
 def per_device_bytes(tree) -> int:
@@ -140,7 +144,7 @@ def _compile(label, fn, run, hbm_bytes):
     return fn()
   except Exception as e:  # pylint: disable=broad-except  (XLA's errors have no narrower type)
     text = str(e)
-    if "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text or "out of memory" in text.lower():
+    if "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower():
       raise DoesNotFit(advice(run, None, hbm_bytes, label=label, compiler=text)) from None
     raise
 
@@ -158,6 +162,7 @@ def advice(run, memory: StepMemory | None, hbm_bytes, label: str = "", compiler:
   """What dominates a step's memory and the knobs that reduce it."""
   cfg = run.cfg
   mesh = dict(run.mesh.shape)
+  dp = run_lib.shd.data_parallel_size(run.mesh)
   parts = state_breakdown(run)
   lines = []
   if memory is not None:
@@ -176,13 +181,12 @@ def advice(run, memory: StepMemory | None, hbm_bytes, label: str = "", compiler:
     state = parts["parameters"] + parts["optimizer state"]
     state_dominates = hbm_bytes is not None and state > 0.5 * hbm_bytes
   lines.append(f"mesh {mesh}, model.remat={cfg.model.remat!r}, train.microbatches={cfg.train.microbatches}, "
-               f"{cfg.data.batch_size // run_lib.shd.data_parallel_size(run.mesh)} rows per device")
+               f"{cfg.data.batch_size // dp} rows per device")
   fsdp = (f"mesh.fsdp (now {mesh['fsdp']}) shards parameters and optimizer state over more devices: "
           f"e.g. --config.mesh.fsdp={min(run.mesh.size, max(2, 2 * mesh['fsdp']))} --config.mesh.data=-1")
   remat = {"none": "model.remat=dots keeps only the matmul outputs for the backward pass (model.remat=full: nothing)",
            "dots": "model.remat=full recomputes every layer in the backward pass",
            "dots_all": "model.remat=dots or full keeps fewer activations"}.get(cfg.model.remat)
-  dp = run_lib.shd.data_parallel_size(run.mesh)
   more = [m for m in range(cfg.train.microbatches + 1, cfg.data.batch_size // dp + 1)
           if cfg.data.batch_size % m == 0 and (cfg.data.batch_size // m) % dp == 0]
   micro = (f"train.microbatches={more[0]} divides the activations of a step by {more[0] / cfg.train.microbatches:g} "
@@ -202,7 +206,7 @@ def format_report(topology, run, steps) -> str:
   cfg = run.cfg
   hbm = topology.hbm_bytes
   state = state_breakdown(run)
-  count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(run.abstract_state.params))
+  count = parameter_count(run)
   out = [f"{topology.name}: {topology.description}",
          f"mesh {dict(run.mesh.shape)}; batch {cfg.data.batch_size} x {cfg.data.seq_len}, "
          f"microbatches {cfg.train.microbatches}, remat {cfg.model.remat}; {count / 1e6:.1f}M parameters; per device: "
@@ -234,7 +238,7 @@ def to_json(topology, run, steps) -> dict:
   return {"topology": topology.name, "description": topology.description, "mesh": dict(run.mesh.shape),
           "rows_per_device": cfg.data.batch_size // run_lib.shd.data_parallel_size(run.mesh),
           "microbatches": cfg.train.microbatches, "remat": cfg.model.remat, "jax": jax.__version__,
-          "parameters": sum(int(np.prod(p.shape)) for p in jax.tree.leaves(run.abstract_state.params)),
+          "parameters": parameter_count(run),
           "hbm_bytes": topology.hbm_bytes, "state": state_breakdown(run),
           "steps": [dataclasses.asdict(m) | {"total": m.total} for m in steps]}
 

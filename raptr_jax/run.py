@@ -17,7 +17,6 @@ from raptr_jax import plan as plan_lib
 from raptr_jax import sharding as shd
 from raptr_jax import step as step_lib
 from raptr_jax.config import validate
-from raptr_jax.data import pipeline
 from raptr_jax.data.build import build_objective
 from raptr_jax.data.corruption import mlm_max_predictions, target_length
 from raptr_jax.data.vocab import load_vocabulary
@@ -100,8 +99,10 @@ def device_batch(batch, mesh, fields, local: bool = False):
   return out
 
 
+@functools.lru_cache(maxsize=8)
 def host_batch_rows(sharding, rows: int) -> np.ndarray:
-  """The batch rows (sorted) that this host's devices hold under ``sharding``."""
+  """The batch rows (sorted) that this host's devices hold under ``sharding`` (once per
+  sharding and batch size, not every step)."""
   held = set()
   for index in sharding.addressable_devices_indices_map((rows,)).values():
     held.update(range(*index[0].indices(rows)))

@@ -15,7 +15,8 @@ built-in corpus only their examples), so no host reads the others' rows; example
 The batches depend on the shard count, not on the host count, so a run with ``data.shards``
 fixed gives the same batches on any number of hosts that divides it. Validation streams and
 batch selection's candidate stream are read whole by every host, which keeps their row
-selection and finite ends in lockstep (``host_rows`` keeps a host's rows of a global batch).
+selection and finite ends in lockstep (``run.device_batch`` gives each device its rows of a
+global batch).
 """
 from typing import Iterator
 

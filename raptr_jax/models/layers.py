@@ -14,6 +14,7 @@ from raptr_jax.sharding import constrain
 
 TOKENS = ("batch", "length", "embed")              # the residual stream [B, T, d]
 HEADS = ("batch", "length", "heads", "head_dim")   # queries, keys, values [B, T, N, H]
+UNITS = ("batch", "length", "mlp")                 # MLP hidden units [B, T, F]
 
 
 def rms_norm(x, scale, eps: float, mask=None):
@@ -144,10 +145,9 @@ def mlp(p, x, cfg, unit_mask=None):
   """The (gated) MLP; ``unit_mask`` [F] multiplies each hidden unit's activation (growth)."""
   dt = cfg.dtype
   act = {"gelu": jax.nn.gelu, "silu": jax.nn.silu, "relu": jax.nn.relu}[cfg.activation]
-  units = ("batch", "length", "mlp")
-  h = act(constrain(jnp.einsum("btd,df->btf", x, p["wi"].astype(dt)), units))
+  h = act(constrain(jnp.einsum("btd,df->btf", x, p["wi"].astype(dt)), UNITS))
   if cfg.gated_mlp:
-    h = h * constrain(jnp.einsum("btd,df->btf", x, p["wg"].astype(dt)), units)
+    h = h * constrain(jnp.einsum("btd,df->btf", x, p["wg"].astype(dt)), UNITS)
   if unit_mask is not None:
     h = h * unit_mask.astype(h.dtype)
   return constrain(jnp.einsum("btf,fd->btd", h, p["wo"].astype(dt)), TOKENS)

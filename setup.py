@@ -5,6 +5,7 @@ NOTEBOOKS = ["nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29"]
 # jax[tpu]: libtpu, matched to jax: runs on TPU VMs, and compiles for TPU topologies on any Linux
 # machine (python -m raptr_jax.aot; compile-only devices, no TPU needed).
 TPU = ['jax[tpu]>=0.5.0,<0.13; platform_system == "Linux"']
+HF = ["torch>=2.4", "transformers>=5.0,<6", "lm-eval[hf]>=0.4.8"]
 DATA = ["seqio>=0.0.19", "tensorflow-datasets>=4.9.4", "tensorflow>=2.16", "importlib_resources>=6", "pyarrow>=14"]
 
 setup(
@@ -27,6 +28,10 @@ setup(
         "tqdm>=4.66",
         "tensorboardX>=2.6",
         "matplotlib>=3.8",
+        # transformers checkpoints in and out (raptr_jax/hf/) and their tokenizers, without torch:
+        "safetensors>=0.4.3",
+        "tokenizers>=0.15",
+        "protobuf>=3.20",  # reads a SentencePiece model's normalizer to write its tokenizer.json
     ],
     extras_require={
         # Real corpora (C4, Wikipedia + BookCorpus, MiniPile) through seqio / tensorflow-datasets.
@@ -35,6 +40,10 @@ setup(
         # nbclient + ipykernel: the suite runs the notebooks (notebooks/execute.py).
         "notebooks": NOTEBOOKS,
         "tpu": TPU,
+        # Cross-checks against the field's implementations (pytest -m hf): transformers' models and
+        # lm-evaluation-harness's scorer. Install a CPU-only torch first (PyTorch's CPU wheel index, or
+        # a local wheel): PyPI's default torch brings ~5 GB of CUDA libraries. Never needed by a run.
+        "hf": HF,
         # libtpu: the suite compiles a tiny config for small TPU slices (tests/test_aot.py).
         "test": ["pytest>=8", "pytest-xdist>=3.5", "tensorboard>=2.16", *DATA, *NOTEBOOKS, *TPU],
     },

@@ -9,6 +9,8 @@
     python -m raptr_jax.main --config=configs/bert.py:crammed_stacking \\
         --config.data.source=c4 --config.data.tfds_data_dir=DIR --config.data.vocab_path=T5_SPM
     python -m raptr_jax.main --config=configs/bert.py:msg --config.data.source=wikipedia_books ...   # or :lemon, :bert2bert
+    python -m raptr_jax.hf import --config=configs/bert.py --hf_dir=BERT_SMALL_DIR --workdir=runs/bert-small
+    python -m raptr_jax.main --config=configs/bert.py:bert2bert_pretrained --config.init.source=runs/bert-small ...
     python -m raptr_jax.main --config=configs/bert.py:raptr_base --config.data.source=wikipedia_books ...
     python -m raptr_jax.main --config=configs/bert.py:random_ltd_large --config.data.source=... ...
     python -m raptr_jax.main --config=configs/bert.py:crammed_selective_backprop --config.data.source=c4 ...
@@ -16,11 +18,18 @@
     python -m raptr_jax.main --config=configs/bert.py:crammed_rho_loss --config.data.source=c4 ...
 
 Presets:
-* default: a ~4M-parameter encoder (4 layers, d=256, learned positions, tied head) on the
-  Shakespeare corpus shipped in the package, seq 128, batch 32, 300 steps; minutes on 2 cores.
+* default: a ~4M-parameter encoder (4 layers, d=256) on the Shakespeare corpus shipped in the
+  package, seq 128, batch 32, 300 steps; minutes on 2 cores. Its architecture is this project's
+  compact encoder, neither original nor crammed BERT: pre-norm RMSNorm, no biases, no token types,
+  no embedding norm, tanh-GELU MLP, learned positions, a tied head without the MLM transform
+  (``crammed`` below is crammed BERT; an imported checkpoint is ``BertForMaskedLM``, see
+  ``raptr_jax/models/presets.py``).
 * ``tiny``: 2 layers, d=64, 30 steps.
-* ``crammed``: No Train No Gain section 3 (crammed BERT, Geiping & Goldstein 2022): 16 layers of
-  BERT-base width (d 768, 12 heads, MLP 3072; ~120M parameters), seq 128, batch 1536, AdamW
+* ``crammed``: No Train No Gain section 3 (crammed BERT, Geiping & Goldstein 2022, the
+  ``crammed_bert`` architecture of ``raptr_jax/models/presets.py``: pre-norm LayerNorm, no linear
+  biases, gated GELU, scaled sinusoidal positions, embedding LayerNorm, MLM transform head, tied):
+  16 layers of BERT-base width (d 768, 12 heads, a 3072-unit MLP input split into value and gate:
+  mlp_dim 1536; ~120M parameters with a 32768 vocabulary), seq 128, batch 1536, AdamW
   b=(0.9, 0.98), eps 1e-12, weight decay 0.01, one-cycle LR peaking at 1e-3 half-way, gradient
   clipping 0.5, MLM 15% with sparse prediction, a 24-hour reference-system-time budget (the
   paper's longest; 6 and 12 via --config.budget.value). Needs an RST table: calibrate first.
@@ -40,6 +49,15 @@ Presets:
 * ``msg``, ``lemon``, ``bert2bert``: RaPTr Table 2's depth-growth comparisons on that BERT-base,
   300k steps, equal stage lengths: MSG 6-9-12 (mask ramp over 5000 steps, MSG's grow_time),
   LEMON 6-9-12 (consecutive zero-output blocks), bert2BERT 3-6-12 (stacking).
+* ``bert2bert_pretrained``, ``lemon_pretrained``: growth of a pretrained BERT imported from a
+  transformers checkpoint (``python -m raptr_jax.hf import --config=configs/bert.py --hf_dir=DIR
+  --workdir=runs/small``, then ``--config.init.source=runs/small``) into BERT-base before the
+  first step (``grow_at=(0.0,)``, function-preserving), from a 12-layer 256-wide BERT (Turc et
+  al.'s BERT L-12 H-256 A-4) to BERT-base (d 768, 12 heads, MLP 3072): bert2BERT's copies with
+  fan-in division (its paper grew BERT-small, d 512, which is not a whole divisor of 768: copies
+  must be equal in number to keep LayerNorm exact) or LEMON's random fan-in split (its paper also
+  grew depth, 6 -> 12 layers; zero-output blocks preserve only pre-norm models, so depth growth
+  of a post-LN BERT is refused); then RaPTr D.4's BERT-base recipe for 300k steps.
 * ``large_mnli`` / ``mnli``: the fine-tuning recipe random-LTD's Appendix D.2 used for MNLI
   (Megatron's: 10 epochs, batch 128, LR 1e-5; linear warmup over 10% and decay, weight decay
   0.01 are our choice, the appendix does not give them) on BERT-large / the default model, for
@@ -51,6 +69,7 @@ Presets:
   (full after 912B of 1049B), middle 22 layers, LayerToken LR: 31.1% of the layer-tokens saved.
 """
 from raptr_jax.config import base_config, tiny_preset
+from raptr_jax.models.presets import apply_architecture
 from raptr_jax.optim.presets import apply_paper_optimizer
 
 
@@ -74,7 +93,8 @@ def get_config(preset: str = ""):
       use_rho_loss(c, il_budget=20)
       c.method.rho_loss.store = "il_store/tiny_bert"
   elif preset in ("crammed", "crammed_stacking", "crammed_selective_backprop", "crammed_rho_loss"):
-    c.model.update(d_model=768, num_layers=16, num_heads=12, head_dim=64, mlp_dim=3072)
+    apply_architecture(c, "crammed_bert")  # models/presets.py, option by option
+    c.model.update(d_model=768, num_layers=16, num_heads=12, head_dim=64, mlp_dim=1536)  # 3072 split: value, gate
     c.data.update(seq_len=128, batch_size=1536)
     c.budget.unit, c.budget.value = "rst_hours", 24
     apply_paper_optimizer(c, "bert", "adamw")
@@ -90,7 +110,7 @@ def get_config(preset: str = ""):
       c.method.selective_backprop.update(scale=1.0, history=5000, candidates=0)
     elif preset == "crammed_rho_loss":  # NTNG Section 5.2, C.4: mega-batch 2x, IL model 6 h RST on 20%
       use_rho_loss(c, il_budget=6)
-  elif preset in ("raptr_base", "msg", "lemon", "bert2bert"):
+  elif preset in ("raptr_base", "msg", "lemon", "bert2bert", "bert2bert_pretrained", "lemon_pretrained"):
     c.model.update(d_model=768, num_layers=12, num_heads=12, head_dim=64, mlp_dim=3072)
     c.data.update(seq_len=128, batch_size=256)
     c.budget.value = 675_000
@@ -98,13 +118,21 @@ def get_config(preset: str = ""):
     c.eval.update(every=0.02, batches=64)
     c.checkpoint.every = 10_000
     c.log.every = 100
-    if preset != "raptr_base":  # RaPTr Table 2: depth growth at 300k steps, equal stage lengths
+    if preset != "raptr_base":  # RaPTr Table 2: growth at 300k steps
       c.budget.value = 300_000
       c.schedule.warmup = 10_000 / 300_000
       c.method.name = "growth"
+    if preset in ("msg", "lemon", "bert2bert"):  # depth growth, equal stage lengths
       c.method.growth.update(operator=preset, grow_at=(1 / 3, 2 / 3),
                              num_layers=(3, 6, 12) if preset == "bert2bert" else (6, 9, 12),
                              ramp=5000 / 300_000)  # MSG's grow_time: 5000 steps
+    elif preset != "raptr_base":
+      # Growth of an imported BERT (python -m raptr_jax.hf import ... --workdir=runs/small, then
+      # --config.init.source=runs/small; its architecture options come with it) before the first
+      # step: a 12-layer, 256-wide BERT (Turc et al.'s L-12 H-256 A-4), each hidden dimension copied 3
+      # times (whole multiples keep LayerNorm's statistics exact).
+      c.method.growth.update(operator=preset.removesuffix("_pretrained"), grow_at=(0.0,), d_model=(256, 768),
+                             num_heads=(4, 12), mlp_dim=(1024, 3072))
   elif preset == "mnli":  # the default model with random-LTD D.2's MNLI fine-tuning recipe
     c.downstream.finetune.update(epochs=10.0, batch_size=128, lr=1e-5, warmup=0.1, weight_decay=0.01,
                                  seq_len=128, glue_task="mnli")
@@ -127,7 +155,8 @@ def get_config(preset: str = ""):
   elif preset:
     raise ValueError(f"unknown preset {preset!r} for configs/bert.py; use tiny, tiny_selective_backprop, "
                      "tiny_rho_loss, crammed, crammed_stacking, crammed_selective_backprop, crammed_rho_loss, "
-                     "raptr_base, msg, lemon, bert2bert, large, random_ltd_large, large_mnli, mnli or none")
+                     "raptr_base, msg, lemon, bert2bert, bert2bert_pretrained, lemon_pretrained, large, "
+                     "random_ltd_large, large_mnli, mnli or none")
   return c
 
 

@@ -145,6 +145,11 @@ class Checkpointer:
                     feed=ocp.StandardCheckpointHandler())
     self._mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
+  @staticmethod
+  def has_steps(directory: str) -> bool:
+    """Whether ``directory`` holds a finished checkpoint (without opening a manager)."""
+    return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
 

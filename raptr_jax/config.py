@@ -38,14 +38,24 @@ def base_config() -> ml_collections.ConfigDict:
                        timeout_s=300)
   c.model = dict(
       family="decoder",                # decoder | bert | t5
-      vocab_size=0,                    # 0: the vocabulary's size (padded to a multiple of 128)
+      vocab_size=0,                    # 0: the vocabulary's size; padded to a multiple of vocab_multiple
+      vocab_multiple=128,              # imported checkpoints: 1 (their embedding's exact row count)
       d_model=256, num_layers=4, num_heads=4, head_dim=64, mlp_dim=1024, gated_mlp=True,
       activation="gelu", position="rotary", max_len=2048, tied_embeddings=False,
       dtype="bfloat16", param_dtype="float32", remat="none", scan_layers=True,
       norm_eps=1e-6, init_std=0.02, attention_impl=None,
       relative_buckets=32, relative_max_distance=128,  # position="relative" (T5)
       num_decoder_layers=0,            # t5: 0 = num_layers
-      select_stacks="both")            # t5: which stacks a method's selection acts on
+      select_stacks="both",            # t5: which stacks a method's selection acts on
+      # Architecture options (models/config.py; models/presets.py maps them to transformers):
+      norm="rms", norm_position="pre", biases=False,  # rms | layer; pre | post (BERT)
+      attention_scale="",              # head_dim (1/sqrt(head_dim)) | none (T5); "" = the family's
+      num_kv_heads=0,                  # grouped-query attention (Llama); 0 = num_heads
+      rotary_base=10000.0,             # rotary theta (Llama's rope_theta)
+      token_types=0, embedding_norm=False,  # BERT: 2 token types, a norm after the embeddings
+      head_transform=False, output_bias=False,  # BERT's MLM transform head and decoder bias
+      tied_output_scale=False,         # tied head reads x d_model^-1/2 (original T5)
+      init="")                         # normal | t5; "" = the family's (t5: T5's fan-in init)
   c.data = dict(
       source="builtin",          # builtin | files | tfds | synthetic | c4 | wikipedia_books | minipile
       files=dict(                # source="files" (data/files.py): your own text / JSONL / Parquet / Arrow
@@ -158,6 +168,11 @@ def base_config() -> ml_collections.ConfigDict:
           lr_scales=(),          # per component LR multipliers; () = 1
           time_model="devices"))  # RST charge: devices (K-device critical path, Fig. 2) | single
                                  # (the compiled step as it runs: one device, or mesh.stage = K)
+  # Start from a pretrained model instead of a random one (raptr_jax/pretrained.py): a transformers
+  # checkpoint directory, a workdir holding one imported by `python -m raptr_jax.hf import`, or a
+  # trained run's workdir. Its parameters fill the model, or the first stage's smaller model (growth
+  # and stacking from a pretrained model). "" with a workdir that holds an import: that import.
+  c.init = dict(source="")
   c.schedule = dict(name="cosine", peak=1e-3, warmup=0.05, final=0.1)
   c.eval = dict(every=0.25, batches=8, at_start=True,  # every: budget fraction; batches: 0 = whole split
                 sets=())  # more validation sets, each "name:field=value;..." of data fields, logged as

@@ -36,11 +36,16 @@ def markdown(results: dict, header: str) -> str:
 
 def restore(cfg, workdir: str, step: int | None = None):
   """(run, step, the full model's params, checkpoint meta) of the newest checkpoint of
-  ``workdir`` written under ``cfg`` (or of ``step``)."""
+  ``workdir`` written under ``cfg`` (or of ``step``); a workdir that holds only an import
+  (``python -m raptr_jax.hf import``) gives the imported parameters at step 0."""
   from raptr_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from raptr_jax import pretrained  # pylint: disable=g-import-not-at-top
   from raptr_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  cfg, source = pretrained.resolve(cfg, workdir)
   run = train_lib.setup(cfg, need_costs=False)
   where = os.path.join(workdir, "checkpoints")
+  if not ckpt_lib.Checkpointer.has_steps(where) and step in (None, 0) and pretrained.has_import(workdir):
+    return run, 0, pretrained.load(run, run.init(), source).params, {"progress": 0.0, "stage": 0}
   checkpointer = ckpt_lib.Checkpointer(where, 0, False, writer=False)
   try:
     if not checkpointer.all_steps():

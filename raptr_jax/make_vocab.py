@@ -88,7 +88,7 @@ def train(cfg, output: str, size: int = 32000, model_type: str = "unigram", max_
   with open(tmp, "wb") as f:
     f.write(model.getvalue())
   os.replace(tmp, output)
-  vocab = Vocabulary(output, cfg.data.extra_ids)  # checks the special ids, as every run will
+  vocab = Vocabulary(output, cfg.data.extra_ids)  # checks it has T5's special ids (pad 0, eos 1, unk 2)
   n_bytes, n = bytes_per_token(vocab, pipeline.documents(cfg.data, "validation"), 2000)
   old, _ = bytes_per_token(load_vocabulary(cfg.data.vocab_path, cfg.data.extra_ids),
                            pipeline.documents(cfg.data, "validation"), 2000)

@@ -86,8 +86,10 @@ class Plan:
     if not self.stages:
       raise ValueError("a plan needs at least one stage")
     ends = [s.end for s in self.stages]
-    if any(b <= a for a, b in zip(ends, ends[1:])) or ends[0] <= 0:
-      raise ValueError(f"stage ends must increase within (0, 1], got {ends}")
+    # The first stage may end at 0: it runs no step (the model a pretrained source gives, grown
+    # before step 1: method.growth.grow_at=(0.0,)).
+    if any(b <= a for a, b in zip(ends, ends[1:])) or ends[0] < 0:
+      raise ValueError(f"stage ends must increase within [0, 1], got {ends}")
     if abs(ends[-1] - 1.0) > 1e-9:
       raise ValueError(f"the last stage must end at the budget (1.0), got {ends[-1]}")
 

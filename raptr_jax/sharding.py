@@ -35,8 +35,10 @@ RULES = {
     "embed": "fsdp",
     "vocab": "tensor",
     "heads": "tensor",
+    "kv_heads": "tensor",     # grouped-query attention's key/value heads
     "mlp": "tensor",
     "head_dim": None,
+    "token_types": None,
     "layers": "stage",
     "aux_layers": None,
     "norm": None,
@@ -53,6 +55,7 @@ ACTIVATION_RULES = {
     "head_dim": None,
     "mlp": "tensor",
     "vocab": "tensor",
+    "token_types": None,
 }
 _ACTIVATION_MESH = contextvars.ContextVar("activation_mesh", default=None)
 

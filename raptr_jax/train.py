@@ -42,6 +42,7 @@ from raptr_jax import flops as flops_lib
 from raptr_jax import metrics as metrics_lib
 from raptr_jax import plan as plan_lib
 from raptr_jax import preemption as preemption_lib
+from raptr_jax import pretrained as pretrained_lib
 from raptr_jax import profiling
 from raptr_jax import rst
 from raptr_jax import sharding as shd
@@ -160,14 +161,16 @@ def train(cfg, workdir: str) -> dict:
   if cfg.distributed.initialize:
     initialize_distributed(cfg.distributed)
   lead = jax.process_index() == 0
+  fresh = not ckpt_lib.Checkpointer.has_steps(os.path.join(workdir, "checkpoints"))
+  cfg, source = pretrained_lib.resolve(cfg, workdir, announce=lead and fresh)
   os.makedirs(workdir, exist_ok=True)
   with (preemption_lib.Preemption() as preemption, workdir_lib.WorkdirLock(workdir, enabled=lead),
         contextlib.closing(ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint.keep,
                                                  cfg.checkpoint.async_save)) as checkpointer):
-    return _train(cfg, workdir, preemption, lead, checkpointer)
+    return _train(cfg, workdir, preemption, lead, checkpointer, source)
 
 
-def _train(cfg, workdir: str, preemption, lead: bool, checkpointer) -> dict:
+def _train(cfg, workdir: str, preemption, lead: bool, checkpointer, source=None) -> dict:
   run = setup(cfg)
   plan, mesh = run.plan, run.mesh
   budget = plan.budget
@@ -208,6 +211,8 @@ def _train(cfg, workdir: str, preemption, lead: bool, checkpointer) -> dict:
                                          check_meta=check_config)
   if restored is None:
     state, progress, step, tokens, wall_before = run.init(), 0.0, 0, 0, 0.0
+    if source is not None:  # a pretrained model (init.source, or the workdir's import)
+      state = pretrained_lib.load(run, state, source)
     usage = {"layers": 0.0, "flops": 0.0, "layer_tokens": 0.0}
     state_stage = 0  # the plan stage whose model the train state holds (growth changes it)
     feed_state, metrics_rows = None, None

@@ -108,6 +108,31 @@ def flat_config(cfg) -> dict:
   return out
 
 
+def config_from_workdir(workdir: str):
+  """The config a workdir's latest start recorded (``config.json``), as a validated ConfigDict
+  over ``base_config`` (fields it lacks keep their defaults)."""
+  from raptr_jax.config import base_config, validate  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise ValueError(f"{workdir} has no config.json: it is not a workdir of a run or an import")
+  with open(path) as f:
+    recorded = json.load(f)
+  cfg = base_config()
+
+  def overlay(node, values, where):
+    for key, value in values.items():
+      if key not in node:
+        continue  # a field of another version of the code
+      if isinstance(value, dict) and hasattr(node[key], "keys"):
+        overlay(node[key], value, f"{where}{key}.")
+      else:
+        default = node[key]
+        node[key] = tuple(value) if isinstance(default, tuple) and isinstance(value, list) else value
+  overlay(cfg, recorded, "")
+  validate(cfg)
+  return cfg
+
+
 def latest_start(workdir: str) -> dict | None:
   """The last complete line of ``starts.jsonl``, or None."""
   path = os.path.join(workdir, "starts.jsonl")

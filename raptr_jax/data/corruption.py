@@ -2,15 +2,18 @@
 
 * Masked LM (BERT, Devlin et al. 2019; crammed BERT, Geiping & Goldstein 2022): an example is
   ``tokens[:seq_len - 1] + [eos]``; exactly ``max(1, round(rate * n))`` positions are chosen,
-  of which 80% become the mask token, 10% a random token, 10% stay; the loss is taken at the
-  chosen positions only. T5 vocabularies have no ``[MASK]`` piece, so the mask token is the
-  sentinel ``<extra_id_0>``. Default rate 0.15.
+  of which 80% become the mask token, 10% a random ordinary token (``random_token_ids``), 10%
+  stay; the loss is taken at the chosen positions only. The mask token is the vocabulary's
+  ``[MASK]``; T5 vocabularies have none, so it is the sentinel ``<extra_id_0>``. A vocabulary
+  with a bos (BERT's [CLS]) makes ``[cls] + tokens[:seq_len - 2] + [sep]``, as BERT does, and
+  never chooses those two positions (Hugging Face's collator masks no special token). Default
+  rate 0.15.
 * T5 span corruption (Raffel et al. 2020, section 3.1.4): a document chunk of exactly the raw
   length that ``t5_span_lengths`` computes for the requested input length is noised
   (``noise_density`` 0.15, mean span 3); each noise span becomes one sentinel in the inputs and
   leads its tokens in the targets; both end with eos. A full chunk gives exactly the requested
   input length and the computed target length (512 -> raw 568, targets 114 for T5's defaults).
-  Decoder inputs are the targets shifted right, starting with id 0 (T5's decoder start).
+  Decoder inputs are the targets shifted right, starting with the pad id (T5's decoder start, 0).
 
 Randomness comes only from the example's ``rng`` (``objectives.example_rng(seed, id, epoch)``).
 """
@@ -20,34 +23,45 @@ import numpy as np
 
 from raptr_jax.data import packing
 from raptr_jax.data.objectives import Objective, noise_span_counts, random_spans_noise_mask, span_corruption
-from raptr_jax.data.vocab import EOS_ID, Vocabulary
+from raptr_jax.data.vocab import BaseVocabulary
 
 
 class MaskedLM:
+  """BERT's masked LM of one example (see the module docstring)."""
 
-  def __init__(self, vocab: Vocabulary, rate: float = 0.15):
+  def __init__(self, vocab: BaseVocabulary, rate: float = 0.15):
     if not 0.0 < rate < 1.0:
       raise ValueError(f"data.mlm_rate must be in (0, 1), got {rate}")
-    if vocab.extra_ids < 1:
-      raise ValueError("MLM uses the sentinel <extra_id_0> as its mask token, but the vocabulary has "
-                       "no extra ids; set data.extra_ids >= 1")
+    if vocab.mask_id is None and vocab.extra_ids < 1:
+      raise ValueError(f"MLM needs a mask token: {vocab.model_path} has no [MASK] token, and no extra ids for the "
+                       "sentinel <extra_id_0> that stands in for it; set data.extra_ids >= 1")
     self.rate = rate
-    self.mask_id = vocab.sentinel(0)
-    self.random_high = vocab.base_vocab_size  # random replacements: ordinary pieces 3..V-1
+    self.mask_id = vocab.mask_id if vocab.mask_id is not None else vocab.sentinel(0)
+    self.bos_id, self.eos_id = vocab.bos_id, vocab.eos_id
+    self.random_ids = vocab.random_token_ids()  # the built-in vocabulary: pieces 3..V-1
+    if not len(self.random_ids):
+      raise ValueError(f"{vocab.model_path} has no ordinary token for MLM's random replacements")
 
   def num_masked(self, n: int) -> int:
     return max(1, int(round(self.rate * n)))
 
   def __call__(self, tokens, seq_len: int, rng: np.random.Generator):
-    seq = np.concatenate([np.asarray(tokens[:seq_len - 1], np.int32), [EOS_ID]]).astype(np.int32)
-    n = len(seq)
-    chosen = rng.choice(n, size=self.num_masked(n), replace=False)
+    if self.bos_id is None:  # every position may be chosen, eos included
+      body = np.asarray(tokens[:seq_len - 1], np.int32)
+      seq = np.concatenate([body, [self.eos_id]]).astype(np.int32)
+      n = len(seq)
+      chosen = rng.choice(n, size=self.num_masked(n), replace=False)
+    else:  # [cls] tokens [sep]: the two special positions are never chosen
+      body = np.asarray(tokens[:seq_len - 2], np.int32)
+      seq = np.concatenate([[self.bos_id], body, [self.eos_id]]).astype(np.int32)
+      n = len(body)
+      chosen = 1 + rng.choice(n, size=self.num_masked(n), replace=False) if n else np.zeros(0, np.int64)
     how = rng.random(len(chosen))
     inputs = seq.copy()
     inputs[chosen[how < 0.8]] = self.mask_id
     swap = chosen[(how >= 0.8) & (how < 0.9)]
-    inputs[swap] = rng.integers(3, self.random_high, size=len(swap))
-    weights = np.zeros(n, np.float32)
+    inputs[swap] = self.random_ids[rng.integers(0, len(self.random_ids), size=len(swap))]
+    weights = np.zeros(len(seq), np.float32)
     weights[chosen] = 1.0
     return {"inputs": inputs, "targets": seq, "weights": weights}
 
@@ -60,7 +74,7 @@ def mlm_max_predictions(seq_len: int, rate: float, requested: int = -1) -> int:
   return min(seq_len, math.ceil(rate * seq_len) + 2)
 
 
-def masked_lm_objective(vocab: Vocabulary, data_cfg) -> Objective:
+def masked_lm_objective(vocab: BaseVocabulary, data_cfg) -> Objective:
   mlm = MaskedLM(vocab, data_cfg.mlm_rate)
   p = mlm_max_predictions(data_cfg.seq_len, data_cfg.mlm_rate, data_cfg.max_predictions)
   if p and mlm.num_masked(data_cfg.seq_len) > p:
@@ -97,25 +111,26 @@ def target_length(data_cfg) -> int:
 
 class SpanCorruption:
 
-  def __init__(self, vocab: Vocabulary, raw_length: int, noise_density: float, mean_span: float):
+  def __init__(self, vocab: BaseVocabulary, raw_length: int, noise_density: float, mean_span: float):
     self.vocab, self.raw_length = vocab, raw_length
     self.noise_density, self.mean_span = noise_density, mean_span
 
   def __call__(self, tokens, seq_len: int, rng: np.random.Generator):
     tokens = np.asarray(tokens[:self.raw_length], np.int32)
+    eos = self.vocab.eos_id
     if len(tokens) < 2:
-      inputs, targets = np.concatenate([tokens, [EOS_ID]]), np.asarray([EOS_ID], np.int32)
+      inputs, targets = np.concatenate([tokens, [eos]]), np.asarray([eos], np.int32)
     else:
       mask = random_spans_noise_mask(len(tokens), self.noise_density, self.mean_span, rng)
       inputs, targets = span_corruption(tokens, mask, self.vocab)
-      inputs = np.concatenate([inputs, [EOS_ID]])
+      inputs = np.concatenate([inputs, [eos]])
     targets = targets.astype(np.int32)
     return {"encoder_inputs": inputs.astype(np.int32),
-            "decoder_inputs": np.concatenate([[0], targets[:-1]]).astype(np.int32),
+            "decoder_inputs": np.concatenate([[self.vocab.pad_id], targets[:-1]]).astype(np.int32),
             "targets": targets, "weights": np.ones(len(targets), np.float32)}
 
 
-def span_corruption_objective(vocab: Vocabulary, data_cfg) -> Objective:
+def span_corruption_objective(vocab: BaseVocabulary, data_cfg) -> Objective:
   density, span = data_cfg.noise_density, data_cfg.mean_noise_span
   if not 0.0 < density < 1.0 or span < 1:
     raise ValueError(f"data.noise_density must be in (0, 1) and data.mean_noise_span >= 1, got "

@@ -21,7 +21,7 @@ import numpy as np
 
 from raptr_jax.data import pipeline
 from raptr_jax.data.files import content_digest
-from raptr_jax.data.vocab import BUILTIN_MODEL
+from raptr_jax.data.vocab import vocab_file
 
 BUILD_COMMAND = "python -m raptr_jax.il_losses build --config=<this config>"
 _DATA_FIELDS = ("source", "tfds_names", "extra_ids", "objective", "denoisers", "seq_len", "target_len",
@@ -45,7 +45,7 @@ def data_version(cfg) -> tuple[str, dict]:
                                for p in files.expand(d.files.train, "data.files.train")]
     what["read"] = file_source.read_args(d.files)
   what["noise_seed"] = pipeline.noise_seed(d, cfg.seed)
-  what["vocab"] = content_digest(d.vocab_path or BUILTIN_MODEL)
+  what["vocab"] = content_digest(vocab_file(d.vocab_path))  # the file read (a folder's tokenizer file)
   if d.source == "builtin":
     from raptr_jax.data import corpus  # pylint: disable=g-import-not-at-top
     what["corpus"] = content_digest(os.path.join(corpus.BUILTIN_DIR, "shakespeare_train.jsonl.gz"))

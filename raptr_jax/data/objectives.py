@@ -6,7 +6,8 @@ where the loss is taken) and ``prefix`` (1 where attention is bidirectional, the
 of UL2's decoder-only form). Randomness comes only from ``example_rng(seed, id, epoch)``, so the
 same example is corrupted the same way on every host, after resumption, and in any order.
 
-* Causal LM: ``tokens + [eos]``, loss everywhere.
+* Causal LM: ``tokens + [eos]``, loss everywhere; with a vocabulary that has a bos (Llama's
+  convention) ``[bos] + tokens + [eos]``, so a chunk holds one raw token fewer.
 * UL2 mixture of denoisers (Tay et al. 2022, "UL2: Unifying Language Learning Paradigms",
   Section 3.1): each example draws one denoiser and is prefixed with its paradigm token.
   R-denoisers (regular span corruption, ``[NLU]``), X-denoisers (extreme: long spans or high
@@ -17,14 +18,15 @@ same example is corrupted the same way on every host, after resumption, and in a
   (R: mu=3 r=0.15, mu=8 r=0.15; X: mu=3 r=0.5, mu=8 r=0.5, mu=64 r=0.15, mu=64 r=0.5; S: r=0.25).
 
 The encoder-only and encoder-decoder objectives live in ``corruption.py`` (MLM, T5 span
-corruption); ``data/build.py``'s ``build_objective`` returns any of them by name.
+corruption); ``data/build.py``'s ``build_objective`` returns any of them by name. Special ids
+(eos, bos, sentinels, paradigm tokens) come from the run's vocabulary (``data/vocab.py``).
 """
 import dataclasses
 from typing import Callable, Sequence
 
 import numpy as np
 
-from raptr_jax.data.vocab import EOS_ID, Vocabulary
+from raptr_jax.data.vocab import BaseVocabulary
 
 PARADIGM = {"R": "[NLU]", "X": "[NLG]", "S": "[S2S]"}
 
@@ -86,8 +88,18 @@ def aligned(sequence: np.ndarray, predict: np.ndarray, prefix_len: int) -> dict[
   }
 
 
-def causal_lm(tokens: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
-  seq = np.concatenate([np.asarray(tokens[:seq_len], np.int32), [EOS_ID]])
+def causal_lm_length(vocab: BaseVocabulary, seq_len: int) -> int:
+  """Raw tokens of one causal-LM example of ``seq_len`` positions: eos takes the shift's extra
+  position, a bos one of the ``seq_len``."""
+  return max(seq_len - (vocab.bos_id is not None), 0)
+
+
+def causal_lm(tokens: np.ndarray, seq_len: int, vocab: BaseVocabulary) -> dict[str, np.ndarray]:
+  """``[bos] + tokens + [eos]`` (bos only if the vocabulary has one), shifted: ``seq_len``
+  positions at most, loss everywhere."""
+  bos = [] if vocab.bos_id is None else [vocab.bos_id]
+  body = np.asarray(tokens[:causal_lm_length(vocab, seq_len)], np.int32)
+  seq = np.concatenate([np.asarray(bos, np.int32), body, [vocab.eos_id]]).astype(np.int32)
   return aligned(seq, np.ones(len(seq), np.float32), prefix_len=0)
 
 
@@ -123,7 +135,7 @@ def random_spans_noise_mask(length: int, rate: float, mean_span: float,
   return mask
 
 
-def span_corruption(tokens: np.ndarray, noise_mask: np.ndarray, vocab: Vocabulary):
+def span_corruption(tokens: np.ndarray, noise_mask: np.ndarray, vocab: BaseVocabulary):
   """T5 inputs/targets: each noise span becomes one sentinel in inputs and leads it in targets."""
   inputs, targets, sentinel = [], [], 0
   prev = False
@@ -135,7 +147,7 @@ def span_corruption(tokens: np.ndarray, noise_mask: np.ndarray, vocab: Vocabular
       targets.append(s)
     (targets if noisy else inputs).append(int(tok))
     prev = noisy
-  return np.asarray(inputs, np.int32), np.asarray(targets + [EOS_ID], np.int32)
+  return np.asarray(inputs, np.int32), np.asarray(targets + [vocab.eos_id], np.int32)
 
 
 def span_corruption_length(length: int, d: Denoiser) -> int:
@@ -147,7 +159,7 @@ def span_corruption_length(length: int, d: Denoiser) -> int:
 class UL2:
   """The UL2 mixture of denoisers in decoder-only (prefix-LM) form."""
 
-  def __init__(self, vocab: Vocabulary, denoisers: Sequence[Denoiser] = UL2_DENOISERS):
+  def __init__(self, vocab: BaseVocabulary, denoisers: Sequence[Denoiser] = UL2_DENOISERS):
     if not denoisers:
       raise ValueError("UL2 needs at least one denoiser")
     self.vocab = vocab
@@ -171,10 +183,10 @@ class UL2:
     tokens = np.asarray(tokens[:self.max_raw_length(d, seq_len)], np.int32)
     mode = [self.paradigm_ids[d.kind]]
     if len(tokens) < 4:
-      return causal_lm(tokens, seq_len)
+      return causal_lm(tokens, seq_len, self.vocab)
     if d.kind == "S":
       n_target = max(1, int(round(len(tokens) * d.rate)))
-      inputs, targets = tokens[:-n_target], np.concatenate([tokens[-n_target:], [EOS_ID]])
+      inputs, targets = tokens[:-n_target], np.concatenate([tokens[-n_target:], [self.vocab.eos_id]])
     else:
       mask = random_spans_noise_mask(len(tokens), d.rate, d.mean_span, rng)
       if np.sum(mask[1:] & ~mask[:-1]) > self.vocab.extra_ids:

@@ -27,7 +27,7 @@ import numpy as np
 
 from raptr_jax.data import corpus
 from raptr_jax.data import tf_env
-from raptr_jax.data.vocab import BUILTIN_MODEL
+from raptr_jax.data.vocab import SentencePieceVocabulary, load_vocabulary
 
 MAX_CHUNKS_PER_DOC = corpus.MAX_CHUNKS_PER_DOC
 
@@ -109,7 +109,7 @@ def register_task(source: str, part: Part, data_dir: str, vocab_path: str = "", 
       return {"targets": text, "doc_hash": tf.strings.to_hash_bucket_fast(text, 1 << 48)}
     return ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
 
-  vocab = seqio.SentencePieceVocabulary(vocab_path or BUILTIN_MODEL, extra_ids=extra_ids)
+  vocab = seqio.SentencePieceVocabulary(sentencepiece_model(vocab_path, extra_ids), extra_ids=extra_ids)
   seqio.TaskRegistry.add(
       name,
       source=seqio.TfdsDataSource(tfds_name=part.tfds_name, tfds_data_dir=data_dir or None,
@@ -117,6 +117,17 @@ def register_task(source: str, part: Part, data_dir: str, vocab_path: str = "", 
       preprocessors=[text_and_id, seqio.preprocessors.tokenize],
       output_features={"targets": seqio.Feature(vocab, add_eos=False, dtype=tf.int32)})
   return name
+
+
+def sentencepiece_model(vocab_path: str, extra_ids: int) -> str:
+  """The SentencePiece model file of ``data.vocab_path`` (seqio tokenizes with one); a clear
+  error for any other kind of vocabulary."""
+  vocab = load_vocabulary(vocab_path, extra_ids)
+  if not isinstance(vocab, SentencePieceVocabulary):
+    raise ValueError(f"data.vocab_path={vocab_path!r} is not a SentencePiece model ({vocab.model_path}), and the "
+                     "seqio / tfds sources tokenize with a SentencePiece vocabulary; use data.source=files (or "
+                     "builtin) with this tokenizer, or a SentencePiece .model file")
+  return vocab.model_path
 
 
 class CorpusSource:

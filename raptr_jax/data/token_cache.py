@@ -64,9 +64,21 @@ class TokenCache:
 
 
 def _key(identities, read_args: dict, vocab) -> str:
+  """The cache folder's name: a hash of the files, how they are read, and the content of the
+  vocabulary's file (with the config files beside it that decided its ids, e.g. a WordPiece
+  vocabulary's tokenizer_config.json) and extra ids."""
   what = {"version": VERSION, "files": [list(i) for i in identities], "read": read_args,
           "vocab": files_lib.content_digest(vocab.model_path), "extra_ids": vocab.extra_ids}
+  others = [p for p in getattr(vocab, "files", ()) if p != vocab.model_path]
+  if others:  # (none for a SentencePiece model: its existing caches keep their names)
+    what["vocab_files"] = [[os.path.basename(p), files_lib.content_digest(p)] for p in others]
   return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def token_dtype(vocab_size: int):
+  """uint16 when every id fits (``vocab_size`` <= 65536, e.g. T5's 32k), else int32 (e.g. a
+  128k Llama 3 vocabulary)."""
+  return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
 
 
 def load_or_build(paths: list[str], read_args: dict, vocab, cache_dir: str = "", what: str = "data.files",
@@ -82,7 +94,7 @@ def load_or_build(paths: list[str], read_args: dict, vocab, cache_dir: str = "",
   partial = f"{final}.partial-{socket.gethostname()}-{os.getpid()}"
   shutil.rmtree(partial, ignore_errors=True)
   os.makedirs(partial)
-  dtype = np.uint16 if vocab.base_vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
+  dtype = token_dtype(vocab.vocab_size)
   ids, lengths, file_docs = [], [], []
   total_bytes = sum(i[1] for i in identities)
   bar = tqdm.tqdm(total=total_bytes, unit="B", unit_scale=True, disable=not progress,

@@ -7,7 +7,8 @@ validation: the random-LTD paper's MNLI-style runs, ``configs/bert.py:mnli``).
 
 * BERT (``model.family=bert``): a classification head on the mean of the final (normed) hidden
   states over the example's tokens (our BERT is pretrained without a [CLS] token, so the mean
-  is the pooled representation), cross-entropy on the label; the encoder and the head train.
+  is the pooled representation), cross-entropy on the label; the encoder and the head train. A
+  vocabulary with [CLS] / [SEP] (BERT's vocab.txt) frames the text with them, as pretraining did.
 * T5 and decoders: text to text, as T5 fine-tunes: the input is the rendered example, the target
   the label word (``" positive"`` / ``" negative"``, ``" yes"`` / ``" no"``), teacher-forced
   cross-entropy on the target tokens (a decoder with UL2 sees the input as its [S2S] prefix); the
@@ -28,9 +29,8 @@ import optax
 import tqdm
 from flax import nnx
 
-from raptr_jax.data.vocab import EOS_ID
 from raptr_jax.downstream import tasks as tasks_lib
-from raptr_jax.models import layers
+from raptr_jax.models import embeddings, layers
 
 TASKS = ("finetune_rt", "finetune_boolq", "finetune_glue")
 GLUE = {  # name -> (fields of the text, label words, validation split)
@@ -147,7 +147,9 @@ def _bert_pool_logits(run, params, batch):
   ctx = run.steps.ctx
   model = nnx.merge(ctx.graphdef, params["model"])
   x = model.encode(batch["inputs"], batch["positions"], batch["segment_ids"])
-  x = layers.rms_norm(x, model.final_norm.value, model.cfg.norm_eps).astype(jnp.float32)
+  if hasattr(model, "final_norm"):  # pre-norm models end with it; post-norm blocks end normalised (BERT)
+    x = layers.norm(x, embeddings.params_of(model, ("final_norm", "final_norm_bias")), "final_norm", model.cfg)
+  x = x.astype(jnp.float32)
   mask = (batch["segment_ids"] > 0).astype(jnp.float32)[..., None]
   pooled = jnp.sum(x * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
   return pooled @ params["head"]["w"] + params["head"]["b"]
@@ -160,7 +162,10 @@ def _bert_batch(vocab, rows, seq_len: int, dp_rows: int):
             "example_ids": np.zeros((b, 1), np.int64), "targets": np.zeros((b, seq_len), np.int32),
             "weights": np.zeros((b, seq_len), np.float32)}
   for r, (text, label) in enumerate(rows):
-    ids = vocab.encode(text)[:seq_len]
+    if vocab.bos_id is None:
+      ids = vocab.encode(text)[:seq_len]
+    else:  # a vocabulary with [CLS] / [SEP] (BERT's): the example as pretraining made it
+      ids = [vocab.bos_id] + vocab.encode(text)[:seq_len - 2] + [vocab.eos_id]
     batch["inputs"][r, :len(ids)] = ids
     batch["segment_ids"][r, :len(ids)] = 1
     batch["positions"][r, :len(ids)] = np.arange(len(ids))
@@ -229,7 +234,7 @@ def finetune_text(run, params, data: Labelled, ft, limit: int, progress: bool) -
   def make(idx):
     if scorer.family == "t5":
       room = scorer.window - 1
-      items = [(list(encoded[i][0][-room:]) + [EOS_ID], list(encoded[i][1])) for i in idx]
+      items = [(list(encoded[i][0][-room:]) + [scorer.vocab.eos_id], list(encoded[i][1])) for i in idx]
       shape = (scorer.window, bucket_of(max(len(c) for _, c in items), scorer.target_window))
       return run.device_batch(scorer.t5_batch(items, *shape))
     items = []

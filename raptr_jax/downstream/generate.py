@@ -6,7 +6,7 @@ prompt. Decoder models run a prefill over the prompt that fills a key/value cach
 a UL2 decoder sees ``[S2S] prompt`` as its bidirectional prefix, as in pretraining. Without the
 cache (``use_cache=False``, and for T5, whose decoder re-reads the encoder output) every step
 runs the whole model on everything so far and takes the last position: the reference the cached
-path is tested against. Generation stops at EOS or after ``max_new_tokens``; a prompt plus the
+path is tested against. Generation stops at the vocabulary's eos or after ``max_new_tokens``; a prompt plus the
 new tokens must fit the model's window (``data.seq_len``), else a clear error.
 """
 import jax
@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from raptr_jax.data.objectives import PARADIGM
-from raptr_jax.data.vocab import EOS_ID, load_vocabulary
+from raptr_jax.data.vocab import load_vocabulary
 from raptr_jax.models import embeddings, layers
 
 
@@ -33,27 +33,32 @@ def _sample(logits, key, temperature: float, top_k: int, vocab_size: int):
 
 
 def _layer(cfg, p, x, positions, cache_k, cache_v, write, mask):
-  """One pre-LN block on x [B, T, d] whose keys / values are written into the layer's cache at
-  rows ``write`` [B, T] (window positions); attention over the whole cache under ``mask``."""
-  dt = cfg.dtype
-  h = layers.rms_norm(x, p["attn_norm"], cfg.norm_eps)
-  q = jnp.einsum("btd,dnh->btnh", h, p["q"].astype(dt))
-  k = jnp.einsum("btd,dnh->btnh", h, p["k"].astype(dt))
-  v = jnp.einsum("btd,dnh->btnh", h, p["v"].astype(dt))
-  if cfg.position == "rotary":
-    q, k = layers.rotary(q, positions), layers.rotary(k, positions)
-  rows = jnp.arange(x.shape[0])[:, None]
-  cache_k = cache_k.at[rows, write].set(k.astype(cache_k.dtype))
-  cache_v = cache_v.at[rows, write].set(v.astype(cache_v.dtype))
-  out = jax.nn.dot_product_attention(q, cache_k.astype(dt), cache_v.astype(dt), mask=mask, implementation="xla")
-  x = x + jnp.einsum("btnh,nhd->btd", out, p["o"].astype(dt))
-  x = x + layers.mlp(p, layers.rms_norm(x, p["mlp_norm"], cfg.norm_eps), cfg)
+  """One block on x [B, T, d] (pre- or post-norm, as ``layers.block``) whose keys / values are
+  written into the layer's cache at rows ``write`` [B, T] (window positions); attention over the
+  whole cache under ``mask`` (grouped-query models cache their key/value heads only)."""
+  pre = cfg.norm_position == "pre"
+
+  def branch(x, name, f):
+    y = x + f(layers.norm(x, p, name, cfg) if pre else x)
+    return y if pre else layers.norm(y, p, name, cfg)
+
+  def attend(h):
+    nonlocal cache_k, cache_v
+    q, k, v = layers.project_qkv(p, h, h, positions, cfg)
+    rows = jnp.arange(x.shape[0])[:, None]
+    cache_k = cache_k.at[rows, write].set(k.astype(cache_k.dtype))
+    cache_v = cache_v.at[rows, write].set(v.astype(cache_v.dtype))
+    out = layers.attend(q, cache_k.astype(cfg.dtype), cache_v.astype(cfg.dtype), cfg, mask=mask, implementation="xla")
+    return layers.attention_output(p, out, cfg)
+
+  x = branch(x, "attn_norm", attend)
+  x = branch(x, "mlp_norm", lambda h: layers.mlp(p, h, cfg))
   return x, cache_k, cache_v
 
 
 def _forward(cfg, params, tokens, positions, cache, write, mask):
   """tokens [B, T] at ``positions`` through every layer, updating ``cache`` = (k, v)
-  [L, B, W, N, H] at rows ``write``; returns fp32 logits [B, T, V] and the cache."""
+  [L, B, W, K, H] at rows ``write``; returns fp32 logits [B, T, V] and the cache."""
   x = embeddings.embed_tokens(cfg, params, tokens, positions)
 
   def body(x, layer):
@@ -62,7 +67,10 @@ def _forward(cfg, params, tokens, positions, cache, write, mask):
     return x, (ck, cv)
 
   x, cache = jax.lax.scan(body, x, (params["layers"], *cache))
-  logits = embeddings.project(cfg, x, params["final_norm"], embeddings.output_matrix(params, cfg))
+  extras = {k: v for k, v in params.items() if k in embeddings.HEAD_EXTRAS}
+  if "final_norm_bias" in params:
+    extras["final_norm_bias"] = params["final_norm_bias"]
+  logits = embeddings.project(cfg, x, params.get("final_norm"), embeddings.output_matrix(params, cfg), None, extras)
   return logits, cache
 
 
@@ -112,7 +120,7 @@ class Generator:
       out = self._cached(seqs, max_new_tokens, temperature, top_k, key)
     else:
       out = self._uncached(seqs, max_new_tokens, temperature, top_k, key)
-    return [_until_eos(o) for o in out]
+    return [_until_eos(o, self.vocab.eos_id) for o in out]
 
   def _uncached(self, seqs, n, temperature, top_k, key):
     """Every step runs the full model (the family's own module) on the whole row."""
@@ -160,7 +168,7 @@ class Generator:
     """Prefill the prompts (padded to the window) into the cache, then ``n`` cached steps."""
     cfg, w = self.mcfg, self.window
     b = tokens.shape[0]
-    shape = (cfg.num_layers, b, w, cfg.num_heads, cfg.head_dim)
+    shape = (cfg.num_layers, b, w, cfg.kv_heads, cfg.head_dim)
     cache = (jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype))
     pos = jnp.broadcast_to(jnp.arange(w), (b, w))
     valid = pos < lengths[:, None]
@@ -186,11 +194,12 @@ class Generator:
     """T5: the prompt into the encoder, the decoder re-run on the tokens so far each step."""
     ctx = self.run.steps.ctx
     b, w = len(ids), self.window
-    enc = np.zeros((b, w), np.int32)
+    enc, enc_seg = np.zeros((b, w), np.int32), np.zeros((b, w), np.int32)
     for r, i in enumerate(ids):
-      enc[r, :len(i) + 1] = list(i) + [EOS_ID]
-    enc_seg = (enc > 0).astype(np.int32)
+      enc[r, :len(i) + 1] = list(i) + [self.vocab.eos_id]
+      enc_seg[r, :len(i) + 1] = 1
     dec = np.zeros((b, n + 1), np.int32)
+    dec[:, 0] = self.vocab.pad_id  # T5's decoder start (0)
 
     @jax.jit
     def next_logits(params, dec, t):
@@ -207,11 +216,11 @@ class Generator:
       dec[:, t + 1] = nxt
       for r in range(b):
         out[r].append(int(nxt[r]))
-    return [_until_eos(o) for o in out]
+    return [_until_eos(o, self.vocab.eos_id) for o in out]
 
 
-def _until_eos(tokens):
-  return tokens[:tokens.index(EOS_ID)] if EOS_ID in tokens else tokens
+def _until_eos(tokens, eos: int):
+  return tokens[:tokens.index(eos)] if eos in tokens else tokens
 
 
 def generate(run, params, prompts, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,

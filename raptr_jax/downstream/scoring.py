@@ -10,7 +10,8 @@ to the continuation), so a word split across the boundary is scored as the model
   the continuation;
 * decoder trained with UL2: the S-denoiser's prefix-LM form it learned, ``[S2S] context`` as the
   bidirectional prefix and the continuation as targets;
-* T5: the context (plus EOS) into the encoder, the continuation as decoder targets;
+* T5: the context (plus the vocabulary's eos) into the encoder, the continuation as decoder
+  targets;
 * BERT scores nothing (an encoder predicts masked tokens, not continuations): a clear error.
 
 Rows are one pair each, sorted by length and cut into batches of ``rows`` (a multiple of the
@@ -18,7 +19,8 @@ mesh's data-parallel size), padded to a bucket length (powers of two up to the m
 length, ``data.seq_len``), so each bucket compiles once whatever the number of examples. A
 context longer than the window is cut from the left, and a continuation longer than the whole
 window keeps its last tokens (T5: its first ``target_len``), as lm-evaluation-harness does; both
-are counted in ``truncated``.
+are counted in ``truncated``. A decoder row with an empty context conditions on the vocabulary's
+bos, or its eos where it has none (lm-evaluation-harness's ``prefix_token_id``).
 """
 import jax
 import jax.numpy as jnp
@@ -29,7 +31,7 @@ from flax import nnx
 from raptr_jax import sharding as shd
 from raptr_jax.data.corruption import target_length
 from raptr_jax.data.objectives import PARADIGM
-from raptr_jax.data.vocab import EOS_ID, load_vocabulary
+from raptr_jax.data.vocab import load_vocabulary
 
 MIN_BUCKET = 32
 
@@ -46,16 +48,29 @@ def bucket_of(length: int, window: int) -> int:
   return next(b for b in buckets(window) if b >= length)
 
 
-def encode_pair(vocab, context: str, continuation: str) -> tuple[list[int], list[int]]:
-  """(context ids, continuation ids), as lm-evaluation-harness splits a pair's encoding."""
-  spaces = len(context) - len(context.rstrip(" "))
+def encode_pair(vocab, context: str, continuation: str, separately: bool = False) -> tuple[list[int], list[int]]:
+  """(context ids, continuation ids), exactly as lm-evaluation-harness (0.4) splits a pair:
+  trailing whitespace of the context moves to the continuation; a decoder's pair is encoded
+  whole and the continuation is what follows the context's own token count (``separately``:
+  an encoder-decoder's parts are encoded apart). An empty context conditions on the prefix
+  token (bos, else eos), or on the continuation's first token when that is the prefix token."""
+  if not context:
+    cont = vocab.encode(continuation)
+    prefix = prefix_token_id(vocab)
+    return (cont[:1], cont[1:]) if cont and cont[0] == prefix else ([prefix], cont)
+  spaces = len(context) - len(context.rstrip())
   if spaces:
     context, continuation = context[:-spaces], context[-spaces:] + continuation
-  whole = vocab.encode(context + continuation)
   ctx = vocab.encode(context)
-  if whole[:len(ctx)] != ctx:  # the boundary merged differently: encode the parts apart
+  if separately:
     return ctx, vocab.encode(continuation)
-  return ctx, whole[len(ctx):]
+  return ctx, vocab.encode(context + continuation)[len(ctx):]
+
+
+def prefix_token_id(vocab) -> int:
+  """What a decoder conditions an empty context on: the vocabulary's bos, else its eos
+  (lm-evaluation-harness's ``prefix_token_id``)."""
+  return vocab.bos_id if vocab.bos_id is not None else vocab.eos_id
 
 
 def _host(arrays):
@@ -79,6 +94,7 @@ class Scorer:
     self.run, self.params, self.progress = run, params, progress
     self.vocab = load_vocabulary(cfg.data.vocab_path, cfg.data.extra_ids)
     self.paradigm = [self.vocab.piece_id(PARADIGM["S"])] if cfg.data.objective == "ul2" else []
+    self.prefix_token = prefix_token_id(self.vocab)
     self.window = cfg.data.seq_len
     self.target_window = max(target_length(cfg.data), MIN_BUCKET) if self.family == "t5" else 0
     dp = shd.data_parallel_size(run.mesh)
@@ -114,8 +130,6 @@ class Scorer:
     room = self.window + 1 - len(self.paradigm) - len(cont_ids)
     truncated = truncated or len(ctx_ids) > room
     ctx_ids = ctx_ids[-room:] if truncated else ctx_ids
-    if not ctx_ids and not self.paradigm:  # nothing to condition on: EOS, as lm-evaluation-harness does
-      ctx_ids = [EOS_ID]
     seq = self.paradigm + list(ctx_ids) + list(cont_ids)
     return seq, (len(self.paradigm) + len(ctx_ids)) if self.paradigm else 0, len(cont_ids), truncated
 
@@ -144,6 +158,7 @@ class Scorer:
       batch["encoder_inputs"][r, :len(enc)] = enc
       batch["encoder_segment_ids"][r, :len(enc)] = 1
       batch["encoder_positions"][r, :len(enc)] = np.arange(len(enc))
+      batch["decoder_inputs"][r, 0] = self.vocab.pad_id  # T5's decoder start (0)
       batch["decoder_inputs"][r, 1:len(cont)] = cont[:-1]
       batch["targets"][r, :len(cont)] = cont
       batch["weights"][r, :len(cont)] = 1.0
@@ -154,17 +169,19 @@ class Scorer:
   def score(self, pairs, desc: str = "scoring") -> dict[str, np.ndarray]:
     """{"logprob", "tokens", "greedy", "truncated"} per (context, continuation) of ``pairs``."""
     n = len(pairs)
-    encoded = [encode_pair(self.vocab, c, x) for c, x in pairs]
+    encoded = [encode_pair(self.vocab, c, x, separately=self.family == "t5") if c or not self.paradigm
+               else ([], self.vocab.encode(x)) for c, x in pairs]  # UL2: [S2S] alone is the prefix
     out = {"logprob": np.zeros(n, np.float64), "tokens": np.asarray([len(x) for _, x in encoded], np.int64),
            "greedy": np.zeros(n, bool), "truncated": np.zeros(n, bool)}
     if np.any(out["tokens"] == 0):
       raise ValueError(f"{int((out['tokens'] == 0).sum())} continuation(s) encode to no token; nothing to score")
     if self.family == "t5":
       rows = []
-      for i, (ctx_ids, cont_ids) in enumerate(encoded):
+      for i, ((ctx_ids, cont_ids), (context, _)) in enumerate(zip(encoded, pairs)):
         room = self.window - 1
         out["truncated"][i] = len(ctx_ids) > room or len(cont_ids) > self.target_window
-        rows.append((list(ctx_ids[-room:]) + [EOS_ID], list(cont_ids[:self.target_window])))
+        eos = [self.vocab.eos_id] if context else []  # T5's tokenizer ends a text with eos; the prefix token is alone
+        rows.append((list(ctx_ids[-room:]) + eos, list(cont_ids[:self.target_window])))
       shape_of = lambda items: (bucket_of(max(len(e) for e, _ in items), self.window),
                                 bucket_of(max(len(c) for _, c in items), self.target_window))
       make = lambda items, shape: self.t5_batch(items, *shape)

@@ -60,10 +60,14 @@ FIELDS = ("num_layers", "d_model", "num_heads", "mlp_dim")
 AXIS_OF_FIELD = {"d_model": "embed", "num_heads": "heads", "mlp_dim": "mlp"}
 # The grown axis each parameter reads from (its fan-in), by parameter name.
 FAN_IN = {"q": "embed", "k": "embed", "v": "embed", "cross_q": "embed", "cross_k": "embed",
-          "cross_v": "embed", "wi": "embed", "wg": "embed", "head": "embed",
+          "cross_v": "embed", "wi": "embed", "wg": "embed", "head": "embed", "head_dense": "embed",
           "o": "heads", "cross_o": "heads", "wo": "mlp"}
-OUTPUT_PROJECTIONS = ("o", "cross_o", "wo")
-FINAL_NORMS = ("final_norm", "decoder_norm")
+# A block's output projections (and their biases): LEMON zeroes them in new blocks.
+OUTPUT_PROJECTIONS = ("o", "cross_o", "wo", "o_bias", "cross_o_bias", "wo_bias")
+# What a tied head reads (the fan-in division of a tied head goes here): BERT's MLM transform norm,
+# else the final norm; scales and LayerNorm biases alike.
+FINAL_NORMS = ("final_norm", "decoder_norm", "final_norm_bias", "decoder_norm_bias")
+HEAD_NORMS = ("head_norm", "head_norm_bias")
 
 
 def stage_sizes(c, model) -> list[dict]:
@@ -92,9 +96,10 @@ def stage_sizes(c, model) -> list[dict]:
       raise ValueError(f"method.growth.{field}={sizes} must end at the model's size "
                        f"model.{field}={getattr(model, field)}")
   grow_at = [float(f) for f in c.grow_at]
-  if any(not 0.0 < f < 1.0 for f in grow_at) or any(b <= a for a, b in zip(grow_at, grow_at[1:])):
+  if any(not 0.0 < f < 1.0 for f in grow_at[1:]) or (grow_at and not 0.0 <= grow_at[0] < 1.0) or any(b <= a for a, b in zip(grow_at, grow_at[1:])):
     raise ValueError(f"method.growth.grow_at={tuple(grow_at)} must be increasing budget fractions in "
-                     "(0, 1), e.g. (0.25, 0.5)")
+                     "(0, 1), e.g. (0.25, 0.5); the first may be 0.0, a growth before the first step (of a "
+                     "pretrained model, init.source)")
   stages = [{f: s[i] for f, s in given.items()} for i in range(n)]
   for i, (a, b) in enumerate(zip(stages, stages[1:])):
     if a == b:
@@ -141,6 +146,15 @@ class Growth(Method):
                          "families; use bert2bert or lemon for t5")
     if cfg.model.family == "t5" and cfg.model.num_decoder_layers not in (0, cfg.model.num_layers):
       raise ValueError("method.name=growth on t5 grows both stacks together: set model.num_decoder_layers=0")
+    grows = {f for a, b in zip(stages, stages[1:]) for f in b if b[f] != a.get(f)}
+    if cfg.model.num_kv_heads and grows & {"num_heads", "d_model"}:
+      raise ValueError("method.growth: grouped-query attention (model.num_kv_heads) shares key/value heads between "
+                       "query heads, which head growth does not copy; grow num_layers / mlp_dim only")
+    if cfg.model.norm_position == "post" and "num_layers" in grows and c.operator in ("msg", "lemon"):
+      raise ValueError(f"method.growth.operator={c.operator!r} adds layers that preserve the function through the "
+                       "residual (x + 0), which a post-norm block (model.norm_position='post', BERT) does not: "
+                       "norm(x + 0) is not x. Grow the depth of a post-norm model with operator='bert2bert' (stacking, "
+                       "as bert2BERT did) or grow its width only")
     if c.optimizer_state not in growth_ops.OPTIMIZER_STATE_POLICIES:
       raise ValueError(f"method.growth.optimizer_state must be one of "
                        f"{growth_ops.OPTIMIZER_STATE_POLICIES}, got {c.optimizer_state!r}")
@@ -226,7 +240,7 @@ class Growth(Method):
       fan_in = FAN_IN.get(name)
       if tied and name == "head":
         fan_in = None
-      if tied and name in FINAL_NORMS:
+      if tied and name in (HEAD_NORMS if self.cfg.model.head_transform else FINAL_NORMS):
         fan_in = "embed"
       if fan_in in axis_maps:
         axis = leaf_axes.index(fan_in)

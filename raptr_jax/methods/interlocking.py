@@ -188,6 +188,12 @@ class Interlocking(Method):
 
   def validate(self, cfg) -> None:
     c = cfg.method.interlocking
+    m = cfg.model
+    if m.norm_position != "pre" or m.head_transform or m.output_bias or m.tied_output_scale or m.norm != "rms":
+      raise ValueError("method.name=interlocking gives each component an auxiliary head of pre-norm RMSNorm blocks "
+                       "and the model's plain output projection; this model's output side (model.norm, "
+                       "norm_position, head_transform, output_bias, tied_output_scale) is not that: train it "
+                       "with another method")
     if cfg.model.family not in ("decoder", "bert"):
       raise ValueError(f"method.name=interlocking cuts one stack of layers into components; model.family="
                        f"{cfg.model.family!r} has an encoder and a decoder joined by cross-attention, which "

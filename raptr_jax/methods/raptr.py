@@ -325,6 +325,10 @@ class Raptr(Method):
 
   def validate(self, cfg) -> None:
     c = cfg.method.raptr
+    if c.axis == "heads" and cfg.model.num_kv_heads:
+      raise ValueError("method.raptr.axis='heads' draws heads with their own keys and values; with grouped-query "
+                       f"attention (model.num_kv_heads={cfg.model.num_kv_heads}) query heads share them: use "
+                       "axis='depth' or 'mlp'")
     if c.lr not in ("run", "paper"):
       raise ValueError(f"method.raptr.lr must be 'run' or 'paper', got {c.lr!r}")
     if c.axis != "depth" and cfg.optimizer.freeze_inactive:

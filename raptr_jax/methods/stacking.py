@@ -68,9 +68,10 @@ def schedule(c, model) -> tuple[list[int], list[float]]:
     raise ValueError(f"method.stacking.grow_at={tuple(grow_at)} needs one budget fraction per growth "
                      f"({len(depths) - 1} for depths {tuple(depths)}), e.g. "
                      f"{tuple(round((i + 1) / len(depths), 3) for i in range(len(depths) - 1))}")
-  if any(not 0.0 < f < 1.0 for f in grow_at) or any(b <= a for a, b in zip(grow_at, grow_at[1:])):
+  if any(not 0.0 < f < 1.0 for f in grow_at[1:]) or (grow_at and not 0.0 <= grow_at[0] < 1.0) or any(b <= a for a, b in zip(grow_at, grow_at[1:])):
     raise ValueError(f"method.stacking.grow_at={tuple(grow_at)} must be increasing budget fractions "
-                     "in (0, 1), e.g. (0.125, 0.3)")
+                     "in (0, 1), e.g. (0.125, 0.3); the first may be 0.0, a growth before the first step (of a "
+                     "pretrained model, init.source)")
   if c.mode not in MODES:
     raise ValueError(f"method.stacking.mode must be one of {MODES}, got {c.mode!r}")
   for old, new in zip(depths, depths[1:]):

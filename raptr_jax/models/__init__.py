@@ -33,6 +33,9 @@ class Family:
   # batch, packed)`` -> the objective from final hidden states. None: the family has no single stack.
   layer_inputs: Callable | None = None
   head_loss: Callable | None = None
+  # Values of the model fields a config leaves empty ("": the family's): T5 divides no attention
+  # logits by sqrt(head_dim) and initialises as T5 does.
+  defaults: dict = dataclasses.field(default_factory=lambda: {"attention_scale": "head_dim", "init": "normal"})
 
 
 FAMILIES = {
@@ -42,7 +45,8 @@ FAMILIES = {
                    layer_inputs=encoder.layer_inputs, head_loss=encoder.head_loss),
     "t5": Family(encdec.EncoderDecoderLM, encdec.loss_fn, encdec.logits_fn, encdec.BATCH_FIELDS,
                  ("span_corruption",),
-                 wrap_select=lambda select, model_cfg: for_stacks(select, model_cfg.select_stacks)),
+                 wrap_select=lambda select, model_cfg: for_stacks(select, model_cfg.select_stacks),
+                 defaults={"attention_scale": "none", "init": "t5"}),
 }
 
 
@@ -53,12 +57,15 @@ def get_family(name: str) -> Family:
 
 
 def model_config(model_cfg, vocab_size: int, **derived) -> ModelConfig:
-  """ModelConfig from the ``model`` section of a run config (vocab padded to a multiple of 128);
+  """ModelConfig from the ``model`` section of a run config (vocab padded to a multiple of
+  ``vocab_multiple``, 128; fields left "" take the family's ``defaults``);
   ``derived`` sets fields that follow from the data (e.g. ``max_predictions``)."""
-  skip = ("family", "vocab_size", "select_stacks")
+  skip = ("family", "vocab_size", "vocab_multiple", "select_stacks")
   fields = {k: v for k, v in model_cfg.items() if k not in skip}
-  return ModelConfig(vocab_size=padded_vocab_size(model_cfg.get("vocab_size") or vocab_size),
-                     **fields | derived)
+  family = get_family(model_cfg.get("family", "decoder"))
+  fields |= {k: v for k, v in family.defaults.items() if fields.get(k, "") == ""}
+  return ModelConfig(vocab_size=padded_vocab_size(model_cfg.get("vocab_size") or vocab_size,
+                                                 model_cfg.get("vocab_multiple", 128)), **fields | derived)
 
 
 def build_model(family: str, cfg: ModelConfig, seed: int):

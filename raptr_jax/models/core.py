@@ -20,8 +20,61 @@ from raptr_jax.models.selection import LayerSelection, Selection, gather_tokens,
 
 
 def logical_param(key, shape, axes, std, dtype):
-  value = std * jax.random.normal(key, shape, jnp.float32) if std else jnp.ones(shape, jnp.float32)
+  """A parameter with logical axes: N(0, std^2) entries, ones for ``std`` 0 (norm scales), or
+  zeros for ``std`` None (biases)."""
+  if std is None:
+    value = jnp.zeros(shape, jnp.float32)
+  else:
+    value = std * jax.random.normal(key, shape, jnp.float32) if std else jnp.ones(shape, jnp.float32)
   return nnx.Param(value.astype(dtype), logical_axes=axes)
+
+
+def layer_param_specs(cfg: ModelConfig, num_layers: int, cross_attention: bool, init_depth: int,
+                      layer_axis: str = "layers") -> dict:
+  """{name: (shape, logical axes, init std)} of L stacked blocks: norms (with biases for
+  LayerNorm), q / k / v / o (k, v with ``cfg.kv_heads`` heads), the MLP, and every projection's
+  bias when ``cfg.biases``. Init: ``normal`` is N(0, init_std) with output projections scaled
+  by 1 / sqrt(2 depth) (GPT-2); ``t5`` is T5's (Mesh TensorFlow / transformers) fan-in normals:
+  q std (d head_dim)^-1/2, k / v std d^-1/2, o std (N head_dim)^-1/2, wi / wg std d^-1/2,
+  wo std F^-1/2."""
+  L, d, n, kv, h, f = num_layers, cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.mlp_dim
+  ax = layer_axis
+  if cfg.init == "t5":
+    std = {"q": (d * h) ** -0.5, "kv": d ** -0.5, "o": (n * h) ** -0.5, "wi": d ** -0.5, "wo": f ** -0.5}
+  else:
+    out_std = cfg.init_std / (2 * init_depth) ** 0.5
+    std = {"q": cfg.init_std, "kv": cfg.init_std, "o": out_std, "wi": cfg.init_std, "wo": out_std}
+  q = ((L, d, n, h), (ax, "embed", "heads", "head_dim"), std["q"])
+  kv_ = ((L, d, kv, h), (ax, "embed", "kv_heads" if kv != n else "heads", "head_dim"), std["kv"])
+  o = ((L, n, h, d), (ax, "heads", "head_dim", "embed"), std["o"])
+
+  def norm(name):
+    out = {name: ((L, d), (ax, "norm"), 0.0)}
+    if cfg.norm == "layer":
+      out[name + "_bias"] = ((L, d), (ax, "norm"), None)
+    return out
+
+  def attention(prefix):
+    out = {prefix + "q": q, prefix + "k": kv_, prefix + "v": kv_, prefix + "o": o}
+    if cfg.biases:
+      out |= {prefix + "q_bias": ((L, n, h), (ax, "heads", "head_dim"), None),
+              prefix + "k_bias": ((L, kv, h), (ax, kv_[1][2], "head_dim"), None),
+              prefix + "v_bias": ((L, kv, h), (ax, kv_[1][2], "head_dim"), None),
+              prefix + "o_bias": ((L, d), (ax, "embed"), None)}
+    return out
+
+  specs = norm("attn_norm") | attention("")
+  if cross_attention:
+    specs |= norm("cross_norm") | attention("cross_")
+  specs |= norm("mlp_norm") | {"wi": ((L, d, f), (ax, "embed", "mlp"), std["wi"]),
+                               "wo": ((L, f, d), (ax, "mlp", "embed"), std["wo"])}
+  if cfg.gated_mlp:
+    specs["wg"] = ((L, d, f), (ax, "embed", "mlp"), std["wi"])
+  if cfg.biases:
+    specs |= {"wi_bias": ((L, f), (ax, "mlp"), None), "wo_bias": ((L, d), (ax, "embed"), None)}
+    if cfg.gated_mlp:
+      specs["wg_bias"] = ((L, f), (ax, "mlp"), None)
+  return specs
 
 
 class StackedLayers(nnx.Module):
@@ -37,19 +90,7 @@ class StackedLayers(nnx.Module):
     self.cfg = cfg
     self.causal = causal
     self.num_layers = L = num_layers or cfg.num_layers
-    d, n, h, f = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.mlp_dim
-    std, out_std = cfg.init_std, cfg.init_std / (2 * (init_depth or L)) ** 0.5
-    ax = layer_axis
-    qkv = ((L, d, n, h), (ax, "embed", "heads", "head_dim"), std)
-    out = ((L, n, h, d), (ax, "heads", "head_dim", "embed"), out_std)
-    norm = ((L, d), (ax, "norm"), 0.0)
-    specs = {"attn_norm": norm, "q": qkv, "k": qkv, "v": qkv, "o": out}
-    if cross_attention:
-      specs |= {"cross_norm": norm, "cross_q": qkv, "cross_k": qkv, "cross_v": qkv, "cross_o": out}
-    specs |= {"mlp_norm": norm, "wi": ((L, d, f), (ax, "embed", "mlp"), std),
-              "wo": ((L, f, d), (ax, "mlp", "embed"), out_std)}
-    if cfg.gated_mlp:
-      specs["wg"] = ((L, d, f), (ax, "embed", "mlp"), std)
+    specs = layer_param_specs(cfg, L, cross_attention, init_depth or L, layer_axis)
     self.param_names = tuple(specs)
     self.record_outputs = False  # diagnostics: sow every layer's output (nnx.Intermediate)
     for name, (shape, axes, s) in specs.items():

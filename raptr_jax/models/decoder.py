@@ -20,7 +20,7 @@ class DecoderLM(nnx.Module):
     self.cfg = cfg
     embeddings.init_embeddings(self, cfg, rngs)
     self.layers = StackedLayers(cfg, rngs=rngs, causal=True)
-    self.final_norm = embeddings.norm_param(rngs, cfg)
+    embeddings.init_output(self, cfg, rngs)
     if cfg.aux_heads:  # interlocking backprop (methods/interlocking.py)
       self.aux_heads = AuxHeads(cfg, rngs=rngs, causal=True)
 
@@ -31,7 +31,7 @@ class DecoderLM(nnx.Module):
     hidden = selection.hidden if selection is not None else None
     x = embeddings.embed(self, inputs, positions, hidden)
     x = self.layers(x, positions, segment_ids, prefix, selection)
-    return embeddings.output_logits(self, x, self.final_norm, hidden)
+    return embeddings.output_logits(self, x, "final_norm", hidden)
 
 
 def layer_inputs(batch, packed: bool = True):
@@ -39,10 +39,11 @@ def layer_inputs(batch, packed: bool = True):
   return (batch["positions"], batch["segment_ids"] if packed else None, batch["prefix"] if packed else None)
 
 
-def head_loss(cfg: ModelConfig, x, norm_scale, w, batch, packed: bool = True, hidden=None):
-  """The objective from final hidden states x [B, T, d] through RMSNorm ``norm_scale`` and the
-  projection ``w`` [d, V]: the model's head, or an auxiliary head (interlocking backprop)."""
-  return embeddings.token_mean_loss(embeddings.project(cfg, x, norm_scale, w, hidden), batch["targets"],
+def head_loss(cfg: ModelConfig, x, norm_scale, w, batch, packed: bool = True, hidden=None, extras=None):
+  """The objective from final hidden states x [B, T, d] through the final norm ``norm_scale``
+  and the projection ``w`` [d, V] (``embeddings.project``): the model's head, or an auxiliary
+  head (interlocking backprop)."""
+  return embeddings.token_mean_loss(embeddings.project(cfg, x, norm_scale, w, hidden, extras), batch["targets"],
                                     batch["weights"], batch["segment_ids"] if packed else None)
 
 

@@ -1,9 +1,13 @@
 """Encoder-decoder transformer (T5 v1.1; Raffel et al. 2020 and the T5 v1.1 release notes).
 
-T5 v1.1 choices: RMSNorm pre-LN blocks without biases, gated-GELU MLP, relative-position
-attention bias (32 buckets, max distance 128; bidirectional buckets in the encoder, causal in the
-decoder; one table per stack shared by its layers), a token embedding shared by encoder and
-decoder inputs, and an untied output head. Both stacks are the stacked-layer core, so a method's
+T5 v1.1 choices: RMSNorm pre-LN blocks without biases, gated-GELU MLP (tanh GELU, transformers'
+``gelu_new``), relative-position attention bias (32 buckets, max distance 128; bidirectional
+buckets in the encoder, causal in the decoder; one table per stack shared by its layers, none in
+cross-attention), attention logits NOT divided by sqrt(head_dim) (``attention_scale='none'``:
+T5 folds that factor into the queries' initialisation, ``init='t5'``), a token embedding shared
+by encoder and decoder inputs, and an untied output head. The original T5 (``model.activation=
+relu``, ``gated_mlp=False``, ``tied_embeddings=True``, ``tied_output_scale=True``) is the same
+module; ``models/presets.py`` maps both to ``T5ForConditionalGeneration``. Both stacks are the stacked-layer core, so a method's
 selection can act on the encoder, the decoder or both (``EncoderDecoderSelection``; a plain
 ``Selection`` is refused rather than guessed at). The loss is cross-entropy on the targets.
 """
@@ -24,10 +28,10 @@ class EncoderDecoderLM(nnx.Module):
     self.cfg = cfg
     embeddings.init_embeddings(self, cfg, rngs)
     self.encoder_layers = StackedLayers(cfg, rngs=rngs, causal=False)
-    self.encoder_norm = embeddings.norm_param(rngs, cfg)
+    embeddings.add_norm(self, "encoder_norm", rngs, cfg)
     self.decoder_layers = StackedLayers(cfg, rngs=rngs, causal=True, cross_attention=True,
                                         num_layers=cfg.decoder_layers)
-    self.decoder_norm = embeddings.norm_param(rngs, cfg)
+    embeddings.init_output(self, cfg, rngs, "decoder_norm")
     if cfg.position == "relative":
       self.encoder_relative = embeddings.relative_table(rngs, cfg)
       self.decoder_relative = embeddings.relative_table(rngs, cfg)
@@ -46,13 +50,13 @@ class EncoderDecoderLM(nnx.Module):
     x = embeddings.embed(self, encoder_inputs, enc_pos)
     x = self.encoder_layers(x, enc_pos, encoder_segment_ids, None, enc_sel,
                             relative_table=self.encoder_relative.value if relative else None)
-    encoded = layers.rms_norm(x, self.encoder_norm.value, self.cfg.norm_eps)
+    encoded = layers.norm(x, embeddings.params_of(self, ("encoder_norm", "encoder_norm_bias")), "encoder_norm", self.cfg)
     dec_pos = embeddings.default_positions(decoder_inputs, decoder_positions)
     y = embeddings.embed(self, decoder_inputs, dec_pos)
     y = self.decoder_layers(y, dec_pos, decoder_segment_ids, None, dec_sel,
                             relative_table=self.decoder_relative.value if relative else None,
                             context=encoded, context_segment_ids=encoder_segment_ids)
-    return embeddings.output_logits(self, y, self.decoder_norm)
+    return embeddings.output_logits(self, y, "decoder_norm")
 
 
 def logits_fn(model: EncoderDecoderLM, batch, selection=None, packed: bool = True):

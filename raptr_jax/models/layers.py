@@ -1,9 +1,11 @@
-"""Pure layer functions of the transformer core (pre-LN block, RMSNorm, RoPE, T5 relative
-position buckets, self- and cross-attention, MLP).
+"""Pure layer functions of the transformer core (pre- or post-norm block, RMSNorm / LayerNorm,
+RoPE, T5 relative position buckets, self- and cross-attention with grouped key/value heads, MLP).
 
 Parameters arrive as one layer's slice of the stacked pytree; compute runs in ``dtype`` (bf16 by
 default) with fp32 normalisation statistics; attention is ``jax.nn.dot_product_attention`` (the
-cuDNN flash kernel on GPU when the mask allows it).
+cuDNN flash kernel on GPU when the mask allows it). Every architecture choice is a field of the
+``ModelConfig`` (norm kind and placement, biases, attention scale, key/value heads, activation),
+so the same functions compute the decoder, BERT and T5 presets of ``models/presets.py``.
 """
 import dataclasses
 
@@ -15,6 +17,33 @@ from raptr_jax.sharding import constrain
 TOKENS = ("batch", "length", "embed")              # the residual stream [B, T, d]
 HEADS = ("batch", "length", "heads", "head_dim")   # queries, keys, values [B, T, N, H]
 UNITS = ("batch", "length", "mlp")                 # MLP hidden units [B, T, F]
+ACTIVATIONS = {"gelu": jax.nn.gelu, "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False),
+               "silu": jax.nn.silu, "relu": jax.nn.relu}
+
+
+def norm(x, p, name: str, cfg, mask=None):
+  """The norm ``name`` of params ``p`` (``p[name]`` scale, ``p[name + '_bias']`` for LayerNorm)
+  in the kind ``cfg.norm`` says; ``mask`` [d]: MSG's hidden-size growth mask."""
+  if cfg.norm == "layer":
+    return layer_norm(x, p[name], p[name + "_bias"], cfg.norm_eps, mask)
+  return rms_norm(x, p[name], cfg.norm_eps, mask)
+
+
+def layer_norm(x, scale, bias, eps: float, mask=None):
+  """LayerNorm (mean and variance in fp32); with a hidden-dimension ``mask`` [d] the
+  statistics are over the masked dimensions only and the output is multiplied by the mask, so
+  at mask 0 on new dimensions this is exactly the norm of the old ones."""
+  x32 = x.astype(jnp.float32)
+  if mask is None:
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return y.astype(x.dtype)
+  m = mask.astype(jnp.float32)
+  mean = jnp.sum(x32 * m, axis=-1, keepdims=True) / jnp.sum(m)
+  var = jnp.sum(jnp.square(x32 - mean) * m, axis=-1, keepdims=True) / jnp.sum(m)
+  y = (x32 - mean) * jax.lax.rsqrt(var + eps) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+  return (y * m).astype(x.dtype)
 
 
 def rms_norm(x, scale, eps: float, mask=None):
@@ -31,7 +60,9 @@ def rms_norm(x, scale, eps: float, mask=None):
 
 
 def rotary(x, positions, base: float = 10000.0):
-  """Rotary position embedding of x [B, T, N, H] at integer positions [B, T] (half rotation)."""
+  """Rotary position embedding of x [B, T, N, H] at integer positions [B, T]: the half rotation
+  (first half / second half of each head, transformers' ``rotate_half``), frequencies
+  base^(-2i / H)."""
   half = x.shape[-1] // 2
   freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
   angle = positions.astype(jnp.float32)[..., None, None] * freq     # [B, T, 1, half]
@@ -120,46 +151,81 @@ class AttentionInputs:
   causal: bool = dataclasses.field(default=True, metadata=dict(static=True))
 
 
-def attention(p, x, kv, positions, mask, cfg, *, causal=True, bias=None, prefix="", head_mask=None):
-  """Multi-head attention of queries from ``x`` over ``kv`` (self-attention when they are the
-  same array); parameters ``{prefix}q``, ``k``, ``v``, ``o``; rotary only in self-attention;
-  ``head_mask`` [N] multiplies each head's output (growth)."""
+def _dense(x, p, name, spec, dt):
+  """``einsum(spec, x, p[name])`` plus ``p[name + '_bias']`` when the model has biases."""
+  y = jnp.einsum(spec, x, p[name].astype(dt))
+  bias = p.get(name + "_bias")
+  return y if bias is None else y + bias.astype(dt)
+
+
+def project_qkv(p, x, kv, positions, cfg, prefix=""):
+  """Queries [B, T, N, H] from ``x`` and keys / values [B, S, K, H] from ``kv`` (K =
+  ``cfg.kv_heads``), rotary applied in self-attention."""
   dt = cfg.dtype
-  q = constrain(jnp.einsum("btd,dnh->btnh", x, p[prefix + "q"].astype(dt)), HEADS)
-  k = constrain(jnp.einsum("bsd,dnh->bsnh", kv, p[prefix + "k"].astype(dt)), HEADS)
-  v = constrain(jnp.einsum("bsd,dnh->bsnh", kv, p[prefix + "v"].astype(dt)), HEADS)
+  q = constrain(_dense(x, p, prefix + "q", "btd,dnh->btnh", dt), HEADS)
+  k = constrain(_dense(kv, p, prefix + "k", "bsd,dnh->bsnh", dt), HEADS)
+  v = constrain(_dense(kv, p, prefix + "v", "bsd,dnh->bsnh", dt), HEADS)
   if cfg.position == "rotary" and not prefix:
-    q, k = rotary(q, positions), rotary(k, positions)
+    q, k = rotary(q, positions, cfg.rotary_base), rotary(k, positions, cfg.rotary_base)
+  return q, k, v
+
+
+def attention_logit_scale(cfg) -> float | None:
+  """1 for T5 (its 1 / sqrt(head_dim) is folded into the initialisation of the queries); None
+  otherwise: ``dot_product_attention``'s own 1 / sqrt(head_dim)."""
+  return 1.0 if cfg.attention_scale == "none" else None
+
+
+def attend(q, k, v, cfg, *, mask=None, bias=None, causal=False, implementation=None):
+  """``jax.nn.dot_product_attention`` with the model's logit scale; k / v may have fewer heads
+  than q (grouped-query attention: query head j reads key/value head j // (N / K))."""
   if bias is not None:
     bias = bias.astype(q.dtype)
-  out = jax.nn.dot_product_attention(
-      q, k, v, bias=bias, mask=mask, is_causal=causal and mask is None,
-      implementation=attention_backend(cfg, q.dtype))
+  return jax.nn.dot_product_attention(
+      q, k, v, bias=bias, mask=mask, is_causal=causal and mask is None, scale=attention_logit_scale(cfg),
+      implementation=implementation or attention_backend(cfg, q.dtype))
+
+
+def attention_output(p, out, cfg, prefix="", head_mask=None):
+  """Heads [B, T, N, H] -> [B, T, d] through ``{prefix}o``; ``head_mask`` [N] multiplies each
+  head's output (growth)."""
   out = constrain(out, HEADS)
   if head_mask is not None:
     out = out * head_mask.astype(out.dtype)[:, None]
-  return constrain(jnp.einsum("btnh,nhd->btd", out, p[prefix + "o"].astype(dt)), TOKENS)
+  return constrain(_dense(out, p, prefix + "o", "btnh,nhd->btd", cfg.dtype), TOKENS)
+
+
+def attention(p, x, kv, positions, mask, cfg, *, causal=True, bias=None, prefix="", head_mask=None):
+  """Multi-head attention of queries from ``x`` over ``kv`` (self-attention when they are the
+  same array); parameters ``{prefix}q``, ``k``, ``v``, ``o`` (and their biases); rotary only in
+  self-attention; ``head_mask`` [N] multiplies each head's output (growth)."""
+  q, k, v = project_qkv(p, x, kv, positions, cfg, prefix)
+  out = attend(q, k, v, cfg, mask=mask, bias=bias, causal=causal)
+  return attention_output(p, out, cfg, prefix, head_mask)
 
 
 def mlp(p, x, cfg, unit_mask=None):
-  """The (gated) MLP; ``unit_mask`` [F] multiplies each hidden unit's activation (growth)."""
+  """The (gated) MLP: act(x wi) [* (x wg)] wo; ``unit_mask`` [F] multiplies each hidden unit's
+  activation (growth)."""
   dt = cfg.dtype
-  act = {"gelu": jax.nn.gelu, "silu": jax.nn.silu, "relu": jax.nn.relu}[cfg.activation]
-  h = act(constrain(jnp.einsum("btd,df->btf", x, p["wi"].astype(dt)), UNITS))
+  h = ACTIVATIONS[cfg.activation](constrain(_dense(x, p, "wi", "btd,df->btf", dt), UNITS))
   if cfg.gated_mlp:
-    h = h * constrain(jnp.einsum("btd,df->btf", x, p["wg"].astype(dt)), UNITS)
+    h = h * constrain(_dense(x, p, "wg", "btd,df->btf", dt), UNITS)
   if unit_mask is not None:
     h = h * unit_mask.astype(h.dtype)
-  return constrain(jnp.einsum("btf,fd->btd", h, p["wo"].astype(dt)), TOKENS)
+  return constrain(_dense(h, p, "wo", "btf,fd->btd", dt), TOKENS)
 
 
 def select_heads(p, heads):
-  """One layer's params narrowed to the attention heads ``heads`` [h] (self- and cross-attention)."""
+  """One layer's params narrowed to the attention heads ``heads`` [h] (self- and cross-attention;
+  key/value heads as many as query heads: grouped-query models are refused by the methods)."""
   out = dict(p)
   for prefix in ("", "cross_"):
     if prefix + "q" in p:
       for name in ("q", "k", "v"):
         out[prefix + name] = jnp.take(p[prefix + name], heads, axis=1)   # [d, h, head_dim]
+        if prefix + name + "_bias" in p:
+          out[prefix + name + "_bias"] = jnp.take(p[prefix + name + "_bias"], heads, axis=0)
       out[prefix + "o"] = jnp.take(p[prefix + "o"], heads, axis=0)       # [h, head_dim, d]
   return out
 
@@ -171,18 +237,22 @@ def select_mlp_parts(p, parts, num_parts: int):
     if name in p:
       d, f = p[name].shape
       out[name] = jnp.take(p[name].reshape(d, num_parts, f // num_parts), parts, axis=1).reshape(d, -1)
+      if name + "_bias" in p:
+        out[name + "_bias"] = jnp.take(p[name + "_bias"].reshape(num_parts, f // num_parts), parts,
+                                       axis=0).reshape(-1)
   f, d = p["wo"].shape
   out["wo"] = jnp.take(p["wo"].reshape(num_parts, f // num_parts, d), parts, axis=0).reshape(-1, d)
   return out
 
 
 def block(p, x, positions, mask, scale, cfg, attend: AttentionInputs | None = None, width=None):
-  """Pre-LN transformer block; every residual branch is multiplied by ``scale``.
+  """A transformer block; every residual branch is multiplied by ``scale``.
 
-  ``attend`` (when given) supplies the mask, relative bias, causality and cross-attention
-  context; ``positions``/``mask`` alone describe a causal decoder block. ``width`` (a
-  ``WidthSelection`` of this layer) narrows attention to some heads and the MLP to some parts,
-  scaling those branches by its ``head_scale`` / ``mlp_scale``."""
+  Pre-norm (``cfg.norm_position='pre'``): x + s f(norm(x)) per branch; post-norm (BERT):
+  norm(x + s f(x)). ``attend`` (when given) supplies the mask, relative bias, causality and
+  cross-attention context; ``positions``/``mask`` alone describe a causal decoder block.
+  ``width`` (a ``WidthSelection`` of this layer) narrows attention to some heads and the MLP to
+  some parts, scaling those branches by its ``head_scale`` / ``mlp_scale``."""
   if attend is None:
     attend = AttentionInputs(positions, mask)
   x = constrain(x, TOKENS)
@@ -202,12 +272,16 @@ def block(p, x, positions, mask, scale, cfg, attend: AttentionInputs | None = No
   if hidden is not None:  # growth: the residual stream's new dimensions follow the mask
     attn_scale = attn_scale * hidden.astype(x.dtype)
     mlp_scale = mlp_scale * hidden.astype(x.dtype)
-  h = rms_norm(x, p["attn_norm"], cfg.norm_eps, hidden)
-  x = x + attn_scale * attention(p, h, h, attend.positions, attend.mask, cfg, causal=attend.causal,
-                                 bias=bias, head_mask=head_mask)
+  pre = cfg.norm_position == "pre"
+
+  def branch(x, norm_name, f, branch_scale):
+    y = x + branch_scale * f(norm(x, p, norm_name, cfg, hidden) if pre else x)
+    return y if pre else norm(y, p, norm_name, cfg, hidden)
+
+  x = branch(x, "attn_norm", lambda h: attention(p, h, h, attend.positions, attend.mask, cfg, causal=attend.causal,
+                                                 bias=bias, head_mask=head_mask), attn_scale)
   if attend.context is not None:
-    h = rms_norm(x, p["cross_norm"], cfg.norm_eps, hidden)
-    x = x + attn_scale * attention(p, h, attend.context, attend.positions, attend.context_mask, cfg,
-                                   causal=False, prefix="cross_", head_mask=head_mask)
-  x = x + mlp_scale * mlp(p, rms_norm(x, p["mlp_norm"], cfg.norm_eps, hidden), cfg, unit_mask)
+    x = branch(x, "cross_norm", lambda h: attention(p, h, attend.context, attend.positions, attend.context_mask, cfg,
+                                                    causal=False, prefix="cross_", head_mask=head_mask), attn_scale)
+  x = branch(x, "mlp_norm", lambda h: mlp(p, h, cfg, unit_mask), mlp_scale)
   return constrain(x, TOKENS)

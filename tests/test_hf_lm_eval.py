@@ -32,7 +32,7 @@ def corpus_lines(n: int, seed: int = 0) -> list[str]:
       with gzip.open(os.path.join(folder, name), "rt") as f:
         for row in f:
           lines += [l.strip() for l in json.loads(row)["text"].splitlines() if 3 <= len(l.split()) <= 12]
-      break
+
   rng = np.random.default_rng(seed)
   return [lines[i] for i in rng.choice(len(lines), n, replace=False)]
 
@@ -40,7 +40,7 @@ def corpus_lines(n: int, seed: int = 0) -> list[str]:
 def requests(per_task: int = 60) -> dict[str, list[tuple[str, str]]]:
   """(context, continuation) pairs in our tasks' renderings (raptr_jax/downstream/tasks.py)."""
   from raptr_jax.downstream import tasks
-  text = iter(corpus_lines(8 * per_task))
+  text = iter(corpus_lines(10 * per_task))
   out = {"hellaswag": [], "piqa": [], "arc_easy": []}
   for i in range(per_task):
     out["hellaswag"].append((f"{next(text).split()[0]}: {next(text)}", " " + next(text)))
@@ -48,7 +48,7 @@ def requests(per_task: int = 60) -> dict[str, list[tuple[str, str]]]:
     out["arc_easy"].append((f"Question: {next(text)}?\nAnswer:", " " + next(text)))
   rows = [{"premise": next(text).rstrip(".") + ".", "choice1": next(text), "choice2": next(text),
            "question": ("cause", "effect")[i % 2], "idx": i, "label": i % 2} for i in range(per_task // 2)]
-  out["copa"] = [(c.context, c.continuation) for q in tasks.render_copa(rows) for c in q.choices]
+  out["copa"] = [pair for q in tasks.render_copa(rows) for pair in zip(q.contexts, q.continuations)]
   out["edge"] = [("", " " + next(text)), (next(text) + " ", "and more"), (next(text) + "\n", "Answer"),
                  ("ROMEO:", " O, she doth teach the torches to burn bright!")]
   return out

@@ -183,4 +183,12 @@ def _write_tokenizer(directory: str, cfg, vocab, hf_config) -> list[str]:
     from raptr_jax.hf.tokenizer import write_tokenizer_files  # pylint: disable=g-import-not-at-top
     special = {"pad": vocab.pad_id, "eos": vocab.eos_id, "unk": vocab.unk_id, "bos": vocab.bos_id}
     written = sorted(set(written) | {os.path.basename(f) for f in write_tokenizer_files(directory, path, vocab.extra_ids, special)})
+    if cfg.model.family == "t5":  # T5's tokenizer ends every text with eos (transformers' T5Tokenizer does)
+      from tokenizers import Tokenizer, processors  # pylint: disable=g-import-not-at-top
+      file = os.path.join(directory, "tokenizer.json")
+      tokenizer = Tokenizer.from_file(file)
+      eos = tokenizer.id_to_token(vocab.eos_id)
+      tokenizer.post_processor = processors.TemplateProcessing(single=f"$A {eos}", pair=f"$A {eos} $B {eos}",
+                                                               special_tokens=[(eos, vocab.eos_id)])
+      tokenizer.save(file)
   return written

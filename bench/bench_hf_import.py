@@ -5,15 +5,16 @@
 
 Writes a random checkpoint (transformers' layout: config.json, model.safetensors, the built-in
 SentencePiece model as tokenizer.model), imports it in a fresh process (float32 parameters, one
-CPU device, so the device's copy of the model is host memory too) and reports that process's peak
-resident memory (``ru_maxrss``) against the parameters' own float32 size and the largest single
-tensor. Reading is tensor by tensor from the memory-mapped file, so the peak should be the model
-held once plus about one tensor, not the model twice.
+CPU device, so the device's copy of the model is host memory too) and samples that process's
+resident memory: anonymous (what the import allocated) and file-backed (pages of the
+memory-mapped safetensors file, page cache the kernel can reclaim), against the parameters' own
+float32 size and our largest parameter. Reading is tensor by tensor and the orbax save copies at
+most one array to the host at a time, so the allocated peak should be the model once plus about
+one parameter, not the model twice.
 """
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -31,7 +32,8 @@ SIZES = {  # Llama-architecture shapes (vocab 32000, SwiGLU)
 
 
 def write_random(directory: str, size: str, dtype: str) -> tuple[int, int]:
-  """A random checkpoint; returns (parameters, bytes of the largest tensor in float32)."""
+  """A random checkpoint; returns (parameters, float32 bytes of our largest parameter: a stacked
+  MLP matrix of every layer, or the embedding)."""
   from safetensors.numpy import save_file
   shapes = SIZES[size]
   d, f, n_layers = shapes["hidden_size"], shapes["intermediate_size"], shapes["num_hidden_layers"]
@@ -53,8 +55,29 @@ def write_random(directory: str, size: str, dtype: str) -> tuple[int, int]:
   shutil.copy(os.path.join(ROOT, "raptr_jax", "data", "builtin", "shakespeare_spm.model"),
               os.path.join(directory, "tokenizer.model"))
   count = sum(int(np.prod(s)) for s in tensors.values())
-  largest = max(int(np.prod(s)) for s in tensors.values()) * 4
-  return count, largest
+  stacked = max(n_layers * f * d, 32000 * d) * 4
+  return count, stacked
+
+
+def run_sampled(command) -> dict:
+  """Runs ``command`` and returns its peak resident bytes: anonymous (what it allocated), file-backed
+  (pages of the memory-mapped weights: page cache the kernel reclaims) and their joint peak."""
+  child = subprocess.Popen(command, env=os.environ | {"JAX_PLATFORMS": "cpu"}, stdout=subprocess.DEVNULL)
+  peaks = {"peak_anon_gib": 0, "peak_file_gib": 0, "peak_rss_gib": 0}
+  while child.poll() is None:
+    try:
+      with open(f"/proc/{child.pid}/status") as f:
+        fields = dict(line.split(":", 1) for line in f if ":" in line)
+    except OSError:
+      break
+    kib = {k: int(fields.get(k, "0 kB").split()[0]) * 1024 for k in ("RssAnon", "RssFile", "VmHWM")}
+    peaks["peak_anon_gib"] = max(peaks["peak_anon_gib"], kib["RssAnon"])
+    peaks["peak_file_gib"] = max(peaks["peak_file_gib"], kib["RssFile"])
+    peaks["peak_rss_gib"] = max(peaks["peak_rss_gib"], kib["VmHWM"])
+    time.sleep(0.01)
+  if child.wait() != 0:
+    raise SystemExit(f"the import failed: {' '.join(command)}")
+  return peaks
 
 
 def main():
@@ -67,25 +90,24 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
       hf_dir, workdir = os.path.join(tmp, "hf"), os.path.join(tmp, "run")
       os.makedirs(hf_dir)
-      count, largest = write_random(hf_dir, size, args.dtype)
+      count, stacked = write_random(hf_dir, size, args.dtype)
       file_bytes = os.path.getsize(os.path.join(hf_dir, "model.safetensors"))
       command = [sys.executable, "-m", "raptr_jax.hf", "import", f"--config={ROOT}/configs/gpt.py",
                  f"--hf_dir={hf_dir}", f"--workdir={workdir}", "model.dtype=float32"]
       start = time.perf_counter()
-      before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-      subprocess.run(command, check=True, env=os.environ | {"JAX_PLATFORMS": "cpu"}, stdout=subprocess.DEVNULL)
-      peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # kB -> bytes (Linux)
-      assert peak > before * 1024, "a smaller child's peak would hide this one's: run one size per process"
+      peaks = run_sampled(command)
       seconds = time.perf_counter() - start
       rows.append(dict(size=size, parameters=count, file_gib=file_bytes / 2**30, model_f32_gib=count * 4 / 2**30,
-                       largest_tensor_gib=largest / 2**30, peak_rss_gib=peak / 2**30, seconds=seconds))
+                       largest_stacked_gib=stacked / 2**30, **{k: v / 2**30 for k, v in peaks.items()},
+                       seconds=seconds))
       print(json.dumps(rows[-1]))
-  print("\n| checkpoint | parameters | file | model (float32) | largest tensor | peak host memory | time |")
-  print("|---|---|---|---|---|---|---|")
+  print("\n| checkpoint | parameters | file | model (float32) | largest stacked parameter | peak allocated "
+        "(anonymous) | peak mapped file pages | peak resident (ru_maxrss) | time |")
+  print("|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     print(f"| Llama {r['size']} ({args.dtype}) | {r['parameters'] / 1e6:.0f}M | {r['file_gib']:.2f} GiB | "
-          f"{r['model_f32_gib']:.2f} GiB | {r['largest_tensor_gib']:.2f} GiB | {r['peak_rss_gib']:.2f} GiB | "
-          f"{r['seconds']:.0f} s |")
+          f"{r['model_f32_gib']:.2f} GiB | {r['largest_stacked_gib']:.2f} GiB | {r['peak_anon_gib']:.2f} GiB | "
+          f"{r['peak_file_gib']:.2f} GiB | {r['peak_rss_gib']:.2f} GiB | {r['seconds']:.0f} s |")
 
 
 if __name__ == "__main__":

@@ -123,6 +123,55 @@ def test_import_gives_transformers_logits(tmp_path, case):
       np.testing.assert_array_equal(exported[name], value, err_msg=name)
 
 
+@pytest.mark.parametrize("shards", [1, 3])
+def test_import_of_pytorch_bin_files(tmp_path, shards):
+  """Older checkpoints: ``pytorch_model.bin``, or sharded ``.bin`` files with their index, as
+  transformers 4 wrote them (transformers 5 writes safetensors only, so the files are written
+  here with torch.save); read through torch.load(weights_only=True)."""
+  model, tokenizer = llama(tied=False, kv=2)
+  randomized(model)
+  hf_dir = tmp_path / "hf"
+  model.config.save_pretrained(hf_dir)
+  shutil.copy(BUILTIN_MODEL, hf_dir / tokenizer)
+  state = {k: v.contiguous() for k, v in model.state_dict().items()}
+  if shards == 1:
+    torch.save(state, hf_dir / "pytorch_model.bin")
+  else:
+    names, weight_map = sorted(state), {}
+    for i in range(shards):
+      file = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+      part = {k: state[k] for k in names[i::shards]}
+      torch.save(part, hf_dir / file)
+      weight_map |= dict.fromkeys(part, file)
+    (hf_dir / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+  do_import(str(hf_dir), tmp_path / "run", "decoder")
+  run, params = imported_params(tmp_path / "run", "decoder")
+  assert_close(our_logits(run, params, "decoder"), hf_logits(model, "decoder"), f"{shards} .bin file(s)")
+
+
+class _RunsCode:
+  """A pickled object that would create a folder when unpickled without weights_only."""
+
+  def __init__(self, path):
+    self.path = path
+
+  def __reduce__(self):
+    return os.makedirs, (self.path,)
+
+
+def test_a_pickle_that_runs_code_is_refused(tmp_path):
+  model, tokenizer = llama()
+  hf_dir = tmp_path / "hf"
+  model.config.save_pretrained(hf_dir)
+  shutil.copy(BUILTIN_MODEL, hf_dir / tokenizer)
+  marker = tmp_path / "code_ran"
+  torch.save({"model.embed_tokens.weight": _RunsCode(str(marker))}, hf_dir / "pytorch_model.bin")
+  from raptr_jax.hf.tensors import CheckpointFormatError
+  with pytest.raises(CheckpointFormatError, match="could not be read as tensors only"):
+    do_import(str(hf_dir), tmp_path / "run", "decoder")
+  assert not marker.exists() and not (tmp_path / "run" / "pretrained").exists()
+
+
 @pytest.mark.parametrize("family,overrides", [
     ("decoder", LLAMA[:2]),                                    # the project's decoder: tanh-GELU, untied
     ("decoder", LLAMA + ["model.num_kv_heads=1", "model.tied_embeddings=True", "model.biases=True"]),

@@ -264,7 +264,7 @@ def test_bad_vocabularies_fail_naming_the_file(tmp_path):
   with pytest.raises(FileNotFoundError, match=f"data.vocab_path='{missing}' does not exist"):
     load_vocabulary(missing)
   (tmp_path / "empty").mkdir()
-  with pytest.raises(FileNotFoundError, match=r"empty'.* folder without a tokenizer file \(looked for tokenizer.json"):
+  with pytest.raises(FileNotFoundError, match=r"empty'.* folder without a tokenizer file \(looked for spiece.model"):
     load_vocabulary(str(tmp_path / "empty"))
   (tmp_path / "spm.vocab.model").write_text("<pad>\t0\n</s>\t0\n")
   with pytest.raises(ValueError, match=r"spm.vocab.model' is not a SentencePiece model file.*not the .vocab"):

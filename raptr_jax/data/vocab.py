@@ -49,7 +49,10 @@ import sentencepiece as spm
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2  # the built-in (T5) vocabulary's ids
 BUILTIN_MODEL = os.path.join(os.path.dirname(__file__), "builtin", "shakespeare_spm.model")
-VOCAB_FILES = ("tokenizer.json", "spiece.model", "tokenizer.model", "vocab.txt", "sentencepiece.model")
+# A folder's tokenizer file, in order of preference: a SentencePiece model through sentencepiece
+# itself (transformers 5's T5 tokenizer.json drops byte fallback), else tokenizer.json, else BERT's
+# WordPiece vocab.txt. hf import picks the same file.
+VOCAB_FILES = ("spiece.model", "tokenizer.model", "sentencepiece.model", "tokenizer.json", "vocab.txt")
 CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token", "mask_token", "cls_token", "sep_token")
 KINDS = ("a SentencePiece .model file, a Hugging Face tokenizer.json, a BERT vocab.txt or a folder holding one "

@@ -42,7 +42,6 @@ def import_checkpoint(cfg, hf_dir: str, workdir: str, log=print) -> dict:
   """Imports the transformers checkpoint ``hf_dir`` into ``workdir`` under the run config
   ``cfg`` (its family must hold the checkpoint); returns the ``pretrained.json`` record."""
   import jax  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from raptr_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from raptr_jax import train as train_lib  # pylint: disable=g-import-not-at-top
   from raptr_jax.config import validate  # pylint: disable=g-import-not-at-top
@@ -74,8 +73,7 @@ def import_checkpoint(cfg, hf_dir: str, workdir: str, log=print) -> dict:
       raise CheckpointFormatError(f"{hf_dir}: the tokenizer has {vocab_size} ids but the model's embedding only "
                                   f"{run.model_cfg.vocab_size} rows (config.json vocab_size); they are not one model's")
     params = place_params(run.abstract_state.params, run.model_cfg, checkpoint)
-    with ocp.StandardCheckpointer() as saver:
-      saver.save(os.path.join(tmp, "params"), params)
+    _save_params(os.path.join(tmp, "params"), params)
     record = {"source": os.path.abspath(hf_dir), "hf_class": checkpoint.arch.hf_class,
               "model_type": checkpoint.hf_config["model_type"], "model": model,
               "data": {"vocab_file": vocab_file, "extra_ids": checkpoint.extra_ids},
@@ -93,6 +91,18 @@ def import_checkpoint(cfg, hf_dir: str, workdir: str, log=print) -> dict:
   for key, (was, now) in changes.items():
     log(f"  {key}: {was!r} -> {now.replace(tmp, final) if isinstance(now, str) else now!r}")
   return record
+
+
+def _save_params(path: str, params) -> None:
+  """Saves the placed parameters as an orbax checkpoint (what ``StandardCheckpointer`` writes),
+  synchronously and with at most the largest array's bytes copied to the host at a time: orbax's
+  default lets every array's host copy be in flight at once, which holds the model twice."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  largest = max(sum(s.data.nbytes for s in x.addressable_shards) for x in jax.tree.leaves(params))
+  handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=(largest + 2**20) / 1e9)
+  with ocp.Checkpointer(handler) as saver:
+    saver.save(path, args=ocp.args.PyTreeSave(params))
 
 
 def _vocab_size(cfg) -> int:

@@ -25,6 +25,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+import report
 from bench_step import PRESETS, bench_config
 from raptr_jax import train as train_lib
 from raptr_jax.data.pipeline import synthetic_batch
@@ -39,6 +40,7 @@ def main():
   parser.add_argument("--aux_head_layers", type=int, default=2)
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--json", default="", help="write the figures to this file")
   args = parser.parse_args()
   base_cfg = bench_config(args.preset, args.set)
   K = args.components
@@ -87,6 +89,7 @@ def main():
   print(f"{'mode':22s} {'1 device':>11s} {'x baseline':>10s} {'K devices (model)':>18s} {'x end-to-end':>12s}"
         + (f" {'pipelined (' + str(jax.device_count()) + ' dev)':>20s} {'x end-to-end':>12s}" if pipelined else ""))
   singles = [name for name in variants if not name.endswith(" pipelined")]
+  rows = []
   for mode, name in enumerate(singles):
     t = statistics.median(times[name])
     modelled = interlocking_time.step_time(interlocking.Split(split.sizes, mode), pieces) if mode else None
@@ -95,9 +98,13 @@ def main():
       p = statistics.median(times[name + " pipelined"])
       tail += f" {p * 1e3:17.2f} ms {p / piped_e2e:12.2f}"
     print(f"{name:22s} {t * 1e3:8.2f} ms {t / base:10.2f} {tail}")
+    rows.append({"mode": name, "one_device_ms": t * 1e3, "x_baseline": t / base,
+                 "k_devices_modelled_ms": modelled * 1e3 if modelled else None,
+                 "x_end_to_end": modelled / e2e if modelled else None})
   print("per component (ms): " + ", ".join(
       f"{k} {[round(v * 1e3, 2) for v in getattr(pieces, k)]}" for k in ("forward", "backward", "backward_input",
                                                                         "head", "update")))
+  report.write(args.json, {"preset": args.preset, "components": K, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import time
 
 import jax
 
+import report
 from raptr_jax import run as run_lib
 from raptr_jax.config import load_config
 from raptr_jax.data import corpus
@@ -42,6 +43,7 @@ def main():
   parser.add_argument("--rows", type=int, default=32)
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--gen_tokens", type=int, default=32)
+  parser.add_argument("--json", default="", help="write the figures to this file")
   parser.add_argument("overrides", nargs="*")
   args = parser.parse_args()
   cfg = load_config(args.config, args.overrides)
@@ -61,6 +63,7 @@ def main():
         f"window {cfg.data.seq_len}), {args.rows} rows a batch:")
   print(f"  scoring: {len(pairs) / dt:,.0f} pairs/s = {len(pairs) / 4 / dt:,.0f} four-choice questions/s "
         f"({dt * 1e3:.0f} ms for {len(pairs)} pairs, median of {args.rounds})")
+  figures = {"config": args.config, "pairs_per_s": len(pairs) / dt, "questions_per_s": len(pairs) / 4 / dt}
   if cfg.model.family == "decoder":
     gen = Generator(run, params)
     ids = [scorer.vocab.encode(c) for c, _ in pairs[:args.rows * 4:4]]
@@ -70,6 +73,8 @@ def main():
     dt = time.perf_counter() - t
     print(f"  generation (KV cache, greedy): {len(ids) * args.gen_tokens / dt:,.0f} tokens/s "
           f"({len(ids)} prompts x {args.gen_tokens} tokens in {dt * 1e3:.0f} ms)")
+    figures["generation_tokens_per_s"] = len(ids) * args.gen_tokens / dt
+  report.write(args.json, figures)
 
 
 if __name__ == "__main__":

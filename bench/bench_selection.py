@@ -19,6 +19,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+import report
 from bench_step import PRESETS, bench_config
 from raptr_jax import train as train_lib
 from raptr_jax.data.pipeline import synthetic_batch
@@ -43,6 +44,7 @@ def main():
   parser.add_argument("--set", action="append", default=[], help="section.field=value override")
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--json", default="", help="write the figures to this file")
   args = parser.parse_args()
   cfg = bench_config(args.preset, args.set)
   run = train_lib.setup(cfg, need_costs=False)
@@ -98,6 +100,10 @@ def main():
   passes = feed.totals["passes"] / (args.rounds * args.steps + 2)  # + the 2 warm-up steps
   print(f"selective backprop: {feed.totals['passes']} passes, share kept {feed.metrics()['select/share']:.2f}, "
         f"{passes:.2f} passes per step")
+  medians = {name: statistics.median(t) for name, t in times.items()}
+  report.write(args.json, {"preset": args.preset, "rows": [{"variant": name, "ms": t * 1e3, "x_baseline": t / base}
+                                                           for name, t in medians.items()],
+                           "rho_x_baseline": rho / base, "passes_per_step": passes})
 
 
 if __name__ == "__main__":

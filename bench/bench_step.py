@@ -16,6 +16,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+import report
 from raptr_jax import flops as flops_lib
 from raptr_jax import train as train_lib
 from raptr_jax.config import base_config
@@ -82,6 +83,7 @@ def main():
   parser.add_argument("--set", action="append", default=[], help="section.field=value override")
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--json", default="", help="write the figures to this file")
   args = parser.parse_args()
   cfg = bench_config(args.preset, args.set)
   run = train_lib.setup(cfg)
@@ -102,6 +104,9 @@ def main():
         f"batch {cfg.data.batch_size} x seq {cfg.data.seq_len}, dtype {cfg.model.dtype}, remat {cfg.model.remat}")
   print(f"compile {compile_s:.1f}s | step {step_s * 1e3:.1f} ms (median of {args.steps}) | "
         f"{tokens / step_s:,.0f} tokens/s | {flops / step_s / 1e12:.1f} TFLOP/s | MFU {mfu} | loss {float(m['loss']):.3f}")
+  report.write(args.json, {"preset": args.preset, "parameters": params, "compile_s": compile_s, "step_ms": step_s * 1e3,
+                           "tokens_per_s": tokens / step_s, "tflops": flops / step_s / 1e12,
+                           "mfu": flops / step_s / (peak * jax.device_count()) if peak else None})
 
 
 if __name__ == "__main__":

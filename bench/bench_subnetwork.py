@@ -17,6 +17,7 @@ against 0.83 t theoretical for UL2 (Section 4.2).
 import argparse
 import statistics
 
+import report
 from bench_step import PRESETS, bench_config, time_step
 from raptr_jax import train as train_lib
 from raptr_jax.data.pipeline import synthetic_batch
@@ -72,6 +73,7 @@ def main():
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--steps", type=int, default=10, help="timed steps per variant and round")
   parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--json", default="", help="write the figures to this file")
   args = parser.parse_args()
   base = bench_config(args.preset, args.set)
   fractions = [float(f) for f in args.fractions.split(",")]
@@ -107,6 +109,8 @@ def main():
   print(f"{'variant':40s} {'step ms':>9s} {'realized':>9s} {'analytic':>9s} {'diff':>7s}")
   for name, s, realized, analytic in rows:
     print(f"{name:40s} {s * 1e3:9.2f} {realized:9.3f} {analytic:9.3f} {(realized / analytic - 1):+7.1%}")
+  report.write(args.json, {"preset": args.preset, "rows": [
+      {"variant": name, "step_ms": s * 1e3, "realized": realized, "analytic": analytic} for name, s, realized, analytic in rows]})
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ A stage with a ``view`` (stacking, growth) runs the smaller model whose paramete
 leading slices of the full parameter tree: its loss is a function of those slices only, so the
 step costs what the smaller model costs, and the parameters outside the view (layers not yet
 grown) are frozen: their values and optimizer state stay bit-identical (``optim.freeze_inactive``
-with box masks). The method's per-step hooks (``transform_batch``, ``transform_loss``,
-``transform_grads``) are applied here; the step never asks which method it runs.
+with box masks). A method acts through its selection, its ``value_and_grad`` and its
+``transform_updates`` (``methods/base.py``); the step never asks which method it runs.
 """
 import dataclasses
 import functools
@@ -167,16 +167,12 @@ def make_train_step(ctx: StepContext, stage, hessian: bool = False):
   model_of = lambda params: nnx.merge(graphdef, view_params(params, view_shapes))
   method = ctx.method
   loss_fn = ctx.loss_fn
-  if method is not None and method.transform_loss is not None:
-    loss_fn = method.transform_loss(loss_fn)
 
   value_and_grad = None
   if method is not None and method.value_and_grad is not None:
     value_and_grad = method.value_and_grad(ctx, model_of)
 
   def train_step(state: TrainState, batch, key, progress, hessian_batch=None):
-    if method is not None and method.transform_batch is not None:
-      batch = method.transform_batch(batch, jax.random.fold_in(key, 3), progress)
     selection = select(key, batch, progress) if select is not None else None
 
     def loss_of(params):
@@ -191,8 +187,6 @@ def make_train_step(ctx: StepContext, stage, hessian: bool = False):
       (loss, aux), grads = accumulate(grads_of, state.params, batch, selection, ctx.microbatches, ctx.mesh)
     else:
       (loss, aux), grads = grads_of(state.params, batch, selection)
-    if method is not None and method.transform_grads is not None:
-      grads = method.transform_grads(grads, state.params, jax.random.fold_in(key, 4), progress)
     extra = {}
     if hessian:
       hkey = jax.random.fold_in(key, 1)

@@ -16,10 +16,8 @@ default, so a method overrides only what it changes:
 * ``transition(state, old, new, ctx)``: a host-side transform of the train state (params and
   optimizer state) when the run enters stage ``new`` from ``old``: growth operators. Called
   once per boundary crossed, in order, also when a run resumes before a boundary.
-* ``transform_batch(batch, key, progress)``, ``transform_loss(loss_fn)``,
-  ``transform_grads(grads, params, key, progress)``, ``transform_updates(updates, progress)``
-  (after the optimizer, before the LR): per-step hooks traced inside the jitted step. None: not
-  applied.
+* ``transform_updates(updates, progress)`` (after the optimizer, before the LR): a per-step
+  hook traced inside the jitted step (interlocking backprop). None: not applied.
 * ``value_and_grad(ctx, model_of)``: replaces the step's ``jax.value_and_grad`` of the family
   loss with a function ``(params, batch, selection) -> ((loss, aux), grads)`` whose gradients
   are not those of one scalar (interlocking backprop routes each loss to some parameters).
@@ -80,9 +78,6 @@ class Method:
     """The train state entering ``new`` from ``old`` (``ctx``: ``step.StepContext``)."""
     return state
 
-  transform_batch: Callable | None = None   # (batch, key, progress) -> batch
-  transform_loss: Callable | None = None    # (loss_fn) -> loss_fn, same signature
-  transform_grads: Callable | None = None   # (grads, params, key, progress) -> grads
   transform_updates: Callable | None = None  # (updates, progress) -> updates
   value_and_grad: Callable | None = None    # (ctx, model_of) -> (params, batch, selection) -> ((loss, aux), grads)
 

@@ -70,12 +70,6 @@ def merge_stages(a: Stage, b: Stage, end: float) -> Stage:
                eval_select=eval_select, **{name: pick(name) for name in _EXCLUSIVE})
 
 
-def _chain(f, g, combine):
-  if f is None or g is None:
-    return g if f is None else f
-  return combine(f, g)
-
-
 # Hooks a composition cannot merge field by field (interlocking backprop's routed gradients).
 WHOLE_STEP_HOOKS = ("value_and_grad", "transform_updates", "modelled_step", "model_fields", "optimizer_config")
 
@@ -94,12 +88,6 @@ class Composite(Method):
     if whole_step:
       raise ValueError(f"method.name={self.name!r}: {', '.join(whole_step)} owns the whole gradient, step time, "
                        "model or optimizer, which a composition cannot merge; run the method alone")
-    self.transform_batch = _chain(a.transform_batch, b.transform_batch,
-                                  lambda f, g: lambda batch, key, p: g(f(batch, key, p), key, p))
-    self.transform_loss = _chain(a.transform_loss, b.transform_loss, lambda f, g: lambda fn: g(f(fn)))
-    self.transform_grads = _chain(a.transform_grads, b.transform_grads,
-                                  lambda f, g: lambda grads, params, key, p: g(f(grads, params, key, p),
-                                                                               params, key, p))
 
   def validate(self, cfg) -> None:
     for part in self.parts:

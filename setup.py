@@ -24,6 +24,7 @@ setup(
         "ml-collections>=1.0,<2",
         "absl-py>=2.0",
         "numpy>=1.26",
+        "scipy>=1.10",  # Student t quantiles of the comparison tables (raptr_jax/stats.py); jax needs it too
         "sentencepiece>=0.2,<0.3",
         "tqdm>=4.66",
         "tensorboardX>=2.6",

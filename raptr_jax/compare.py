@@ -9,9 +9,23 @@ A comparison config (see ``configs/compare_small.py``) names the run config, the
 seeds, the budgets (in the run's budget unit; RST by default) and overrides common to every
 run. A method is a list of ``section.field=value`` overrides, or a dict with a ``grid`` and / or
 a random ``search`` of settings (``sweep.py``); ``configs/tune_ntng.py`` holds the paper's
-Appendix C grids. Optional keys: ``selection=dict(final_seeds=[...])`` (re-run each method's
-chosen setting with these seeds too), ``max_runs`` (default 64: a larger sweep needs ``--yes``),
-``calibrate_missing`` (default True).
+Appendix C grids. Optional keys: ``baseline`` (the method every other is compared with, paired
+by seed; default: the method named "baseline", else the first), ``selection=dict(final_seeds=
+[...])`` (re-run each method's chosen setting with these fresh seeds: a tuned method is reported
+on them, not on the tuning seeds its choice was made on), ``max_runs`` (default 64: a larger
+sweep needs ``--yes``), ``calibrate_missing`` (default True).
+
+Seeds: a list (``seeds=[0, 1, 2]``), or a precision target
+``seeds=dict(initial=[0, 1, 2], until_ci=0.02, max=8)`` (or ``--seeds.until_ci=0.02
+--seeds.max=8`` on the command line, with ``--seeds=0,1,2``): after the initial (and final)
+seeds, each method whose paired 95% interval against the baseline (final validation loss)
+still contains 0 **and** is wider than +- ``until_ci`` gets one more seed (the baseline runs it
+too), round after round, until its interval excludes 0 (ahead / behind), is within +-
+``until_ci`` (a tie at that precision), or it has ``max`` paired seeds; ``until_ci=0`` runs
+until the sign is decided. Added seeds are the integers after the largest seed the config
+names. The table's notes say which methods were decided, tied, or stayed undecided. A seed
+given twice (in ``seeds``, or in ``seeds`` and ``final_seeds``) would count one run twice and is
+refused, as are a target without ``max`` and ``max`` without a target.
 
 Before any run starts, every run's config is built and validated (an unknown key stops the
 sweep there), step kinds missing from the RST table are timed on this device and scaled to the
@@ -34,9 +48,12 @@ its own wall time.
 As a function (a notebook, a script): ``compare.compare(path_or_dict, workdir)`` runs the pending
 runs in this process and returns the ``Report`` (tables, plot paths).
 
-Outputs (``compare_report.py``): ``results.md`` / ``.csv`` (chosen setting per method),
-``all_settings.md`` / ``.csv``, ``loss_vs_<unit>_<budget>.png``, ``loss_vs_steps_<budget>.png``
-and ``tuning_<method>_<budget>.png``.
+Outputs (``compare_report.py``): ``results.md`` / ``.csv`` (per method and budget: means with
+95% t-intervals over seeds, paired differences against the baseline; the chosen setting and how
+many were tried per tuned method), ``per_seed.csv`` and ``per_seed_evals.csv`` (the runs behind
+them: ``python -m raptr_jax.claims`` reads these), ``all_settings.md`` / ``.csv``,
+``loss_vs_<unit>_<budget>.png``, ``loss_vs_steps_<budget>.png`` (means with 95% bands) and
+``tuning_<method>_<budget>.png``.
 """
 import argparse
 import ast
@@ -49,10 +66,13 @@ import subprocess
 import sys
 import time
 
+from raptr_jax import compare_report
+from raptr_jax import compare_seeds
 from raptr_jax import rst
 from raptr_jax import sweep
-from raptr_jax.compare_report import (final_losses, final_set_losses, plot_curves, plot_tuning,  # noqa: F401
-                                      write_settings_table, write_tables)
+from raptr_jax.compare_report import (default_baseline, final_losses, final_set_losses,  # noqa: F401
+                                      plot_curves, plot_tuning, write_eval_points, write_settings_table,
+                                      write_tables)
 from raptr_jax.config import load_config
 from raptr_jax.metrics import read_metrics
 
@@ -90,12 +110,14 @@ def _duplicate_keys(path: str) -> None:
                          "keys of the same name: the first would be dropped silently); rename one")
 
 
-def load_comparison(path):
+def load_comparison(path, overrides: dict | None = None):
   """The comparison of a config file's ``get_comparison()``, or of a dict of the same keys
   (a notebook's; such a comparison runs in this process only: workers and ``--emit`` re-run
-  the comparison command, which needs a file)."""
+  the comparison command, which needs a file). ``overrides``: the command line's
+  {"seeds" | "seeds.until_ci" | "seeds.max" | "baseline": value}, passed on to its workers."""
+  overrides = dict(overrides or {})
   if isinstance(path, dict):
-    return make_comparison(dict(path), "")
+    return make_comparison(compare_seeds.apply_cli(path, overrides), "", overrides)
   import importlib.util  # pylint: disable=g-import-not-at-top
   if not os.path.exists(path):
     raise ValueError(f"comparison config {path!r} not found")
@@ -103,10 +125,10 @@ def load_comparison(path):
   spec = importlib.util.spec_from_file_location("comparison", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return make_comparison(module.get_comparison(), path)
+  return make_comparison(compare_seeds.apply_cli(module.get_comparison(), overrides), path, overrides)
 
 
-def make_comparison(comparison: dict, path: str):
+def make_comparison(comparison: dict, path: str, overrides: dict | None = None):
   where = path or "the comparison dict"
   for field in ("config", "methods", "seeds", "budgets"):
     if field not in comparison:
@@ -122,7 +144,12 @@ def make_comparison(comparison: dict, path: str):
   unknown = set(comparison["selection"]) - {"final_seeds"}
   if unknown:
     raise ValueError(f"selection takes final_seeds (the chosen settings' extra seeds), got {sorted(unknown)}")
+  compare_seeds.parse_seeds(comparison, where)
+  comparison.setdefault("baseline", default_baseline(comparison["methods"]))
+  if comparison["baseline"] not in comparison["methods"]:
+    raise ValueError(f"baseline {comparison['baseline']!r} is not one of the methods {list(comparison['methods'])}")
   comparison["path"] = path
+  comparison["overrides"] = dict(overrides or {})
   comparison["settings"] = sweep.expand(comparison["methods"])
   return argparse.Namespace(**comparison)
 
@@ -133,19 +160,45 @@ def tuning_runs(comparison) -> list[RunSpec]:
 
 
 def final_runs(comparison, best: dict) -> list[RunSpec]:
-  """The chosen settings' runs with ``selection.final_seeds`` not already run."""
-  extra = [int(s) for s in comparison.selection.get("final_seeds", ()) if s not in comparison.seeds]
-  return [RunSpec(b, s, seed) for (b, _), s in best.items() for seed in extra]
+  """The chosen settings' runs with ``selection.final_seeds`` (fresh: never a tuning seed)."""
+  return [RunSpec(b, s, seed) for (b, _), s in best.items() for seed in comparison.final_seeds]
 
 
 def every_run(comparison) -> dict[str, RunSpec]:
-  """{key: run} of every run either phase can make: the tuning runs, and each setting at every
-  budget with each final seed (the second phase runs the chosen ones of those)."""
+  """{key: run} of every run a phase can make: the tuning runs, and each setting at every
+  budget with each final seed and each seed a precision target may add (the later phases run
+  the chosen ones of those)."""
   runs = {s.key: s for s in tuning_runs(comparison)}
   for b in comparison.budgets:
     for setting in comparison.settings:
-      runs |= {r.key: r for r in final_runs(comparison, {(float(b), setting.method): setting})}
+      runs |= {r.key: r for r in (RunSpec(float(b), setting, seed) for seed in
+                                  [*comparison.final_seeds, *compare_seeds.extra_seeds(comparison)])}
   return runs
+
+
+def _done(workdir: str):
+  return lambda budget, setting, seed: finished(os.path.join(workdir, RunSpec(budget, setting, seed).key))
+
+
+def reported(comparison, best: dict, workdir: str) -> dict:
+  """{(budget, method): {seed: (train, val, sets)}} of each chosen setting on the seeds it is
+  reported on (``compare_seeds``: fresh seeds for a tuned method)."""
+  done = _done(workdir)
+  out = {}
+  for b in map(float, comparison.budgets):
+    for m in comparison.methods:
+      if (b, m) not in best:
+        continue
+      setting = best[(b, m)]
+      seeds = compare_seeds.reported_seeds(comparison, m, lambda seed: done(b, setting, seed))
+      out[(b, m)] = collect([RunSpec(b, setting, seed) for seed in seeds], workdir).get((b, setting), {})
+  return out
+
+
+def seed_round(comparison, best: dict, workdir: str) -> list[RunSpec]:
+  """The runs the precision target adds now (``compare_seeds.next_round``)."""
+  runs = compare_seeds.next_round(comparison, best, reported(comparison, best, workdir), _done(workdir))
+  return [RunSpec(b, setting, seed) for b, setting, seed in runs]
 
 
 def run_config(comparison, spec: RunSpec, quiet: bool = True):
@@ -184,8 +237,7 @@ def preflight(comparison, specs: list[RunSpec], confirm: bool, workdir: str = ""
   if here:
     prepare_runs(comparison, specs)
     return
-  cmd = [sys.executable, "-m", "raptr_jax.compare", f"--config={comparison.path}", f"--workdir={workdir}",
-         f"--prepare={phase}"]
+  cmd = _command(comparison, workdir, f"--prepare={phase}")
   if subprocess.run(cmd, check=False).returncode:
     raise ValueError(f"preparing the runs failed (calibration or a method's preparation; its output is above): "
                      f"{shlex.join(cmd)}")
@@ -252,9 +304,16 @@ def train_one(comparison, spec: RunSpec, workdir: str, quiet: bool = True) -> No
     print(f"== {spec.key}: diverged, counted as an infinite loss (delete {where} to run it again): {e}")
 
 
-def _worker_command(comparison, workdir: str, spec: RunSpec) -> list[str]:
+def _command(comparison, workdir: str, *extra: str) -> list[str]:
+  """This comparison's command (with the command line's seed and baseline options) plus ``extra``."""
+  flags = [f"--{k}={','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+           for k, v in comparison.overrides.items()]
   return [sys.executable, "-m", "raptr_jax.compare", f"--config={comparison.path}", f"--workdir={workdir}",
-          f"--only={spec.key}"]
+          *flags, *extra]
+
+
+def _worker_command(comparison, workdir: str, spec: RunSpec) -> list[str]:
+  return _command(comparison, workdir, f"--only={spec.key}")
 
 
 def execute(comparison, specs: list[RunSpec], workdir: str, workers: int = 1, platform: str = "cpu",
@@ -363,24 +422,26 @@ eval "$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {shlex.quote(commands)})"
 
 
 def collect(specs: list[RunSpec], workdir: str) -> dict:
-  """{(budget, Setting): [(train, val, sets) per finished seed]}."""
+  """{(budget, Setting): {seed: (train, val, sets)} of its finished runs}."""
   results = {}
   for spec in specs:
     where = os.path.join(workdir, spec.key)
-    entry = results.setdefault((spec.budget, spec.setting), [])
+    entry = results.setdefault((spec.budget, spec.setting), {})
     if os.path.exists(os.path.join(where, DIVERGED)):
-      entry.append((float("inf"), float("inf"), {}))
+      entry[spec.seed] = (float("inf"), float("inf"), {})
     elif finished(where):
       rows = read_metrics(where)
-      entry.append((*final_losses(rows), final_set_losses(rows)))
+      entry[spec.seed] = (*final_losses(rows), final_set_losses(rows))
   return results
 
 
 def run_all(comparison, workdir: str, quiet: bool = True, workers: int = 1, platform: str = "cpu",
             worker_devices: int = 1, confirm: bool = False, emit_to: str = ""):
-  """Runs (or emits) every run of both phases that is not finished; returns (results of the
-  chosen settings {(budget, method): finals}, every setting's {(budget, Setting): finals},
-  the chosen {(budget, method): Setting}), or None after ``emit_to`` wrote pending runs."""
+  """Runs (or emits) every run of the phases that is not finished (tuning, the chosen settings'
+  final seeds, then the precision target's rounds); returns (the chosen settings' reported
+  results {(budget, method): {seed: finals}}, every setting's tuning results {(budget, Setting):
+  {seed: finals}}, the chosen {(budget, method): Setting}), or None after ``emit_to`` wrote
+  pending runs."""
   tune = tuning_runs(comparison)
   here = workers <= 1 and not emit_to
   if not here and not comparison.path:
@@ -397,14 +458,46 @@ def run_all(comparison, workdir: str, quiet: bool = True, workers: int = 1, plat
       return None
     execute(comparison, specs, workdir, workers, platform, worker_devices, quiet)
   every = collect(tune, workdir)
-  best = sweep.select_best(every, comparison.settings)
-  final = collect(final_runs(comparison, best), workdir)
-  chosen = {(b, m): every[(b, best[(b, m)])] + final.get((b, best[(b, m)]), [])
-            for b in map(float, comparison.budgets) for m in comparison.methods if (b, m) in best}
   missing = [f"{s.label} at {b:g}" for (b, s), finals in every.items() if not finals]
   if missing:
     raise ValueError(f"runs without results: {', '.join(missing[:5])}; re-run the same command")
-  return chosen, every, best
+  best = sweep.select_best(every, comparison.settings)
+  for _ in range(comparison.max_seeds or 0):  # the precision target: a round adds one seed or two
+    specs = seed_round(comparison, best, workdir)
+    if not specs:
+      break
+    print(f"== precision target: {len(specs)} run(s) with added seeds: " + ", ".join(s.key for s in specs))
+    preflight(comparison, specs, True, workdir, "seeds", here)
+    if emit_to:
+      emit(comparison, specs, workdir, os.path.join(emit_to, "seeds"))
+      return None
+    execute(comparison, specs, workdir, workers, platform, worker_devices, quiet)
+    stuck = [s.key for s in specs if not finished(os.path.join(workdir, s.key))]
+    if stuck:
+      raise ValueError(f"runs did not finish: {', '.join(stuck[:5])}; re-run the same command")
+  return reported(comparison, best, workdir), every, best
+
+
+def _seed_flags(parser, args, argv) -> dict:
+  """{key: value} of the command line's seed and baseline options; one given twice is refused
+  (argparse would keep the last silently)."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  for key in compare_seeds.CLI_KEYS:
+    flag = f"--{key}"
+    if sum(a == flag or a.startswith(flag + "=") for a in argv) > 1:
+      parser.error(f"{flag} is given twice")
+  out = {}
+  for key in compare_seeds.CLI_KEYS:
+    value = getattr(args, key)
+    if value is None:
+      continue
+    if key == "seeds":
+      try:
+        value = [int(v) for v in value.split(",") if v.strip()]
+      except ValueError:
+        parser.error(f"--seeds takes integers separated by commas (e.g. 0,1,2), got {getattr(args, key)!r}")
+    out[key] = value
+  return out
 
 
 def main(argv=None):
@@ -417,15 +510,23 @@ def main(argv=None):
   parser.add_argument("--emit", default="", help="write the pending runs' commands (and a Slurm array) here")
   parser.add_argument("--only", default="", help="train only this run (a worker's job)")
   parser.add_argument("--yes", action="store_true", help="run a sweep larger than max_runs")
-  parser.add_argument("--prepare", default="", choices=("", "tune", "final"), help=argparse.SUPPRESS)
+  parser.add_argument("--seeds", dest="seeds", default=None,
+                      help="the initial seeds, e.g. 0,1,2 (replaces the config's)")
+  parser.add_argument("--seeds.until_ci", dest="seeds.until_ci", type=float, default=None,
+                      help="precision target: add seeds while a paired interval contains 0 and is wider than this")
+  parser.add_argument("--seeds.max", dest="seeds.max", type=int, default=None, help="the most seeds a method may get")
+  parser.add_argument("--baseline", default=None, help="the method the others are compared with (paired by seed)")
+  parser.add_argument("--prepare", default="", choices=("", "tune", "final", "seeds"), help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  overrides = _seed_flags(parser, args, argv)
   workdir = args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
   try:
-    comparison = load_comparison(args.config)
+    comparison = load_comparison(args.config, overrides)
     if args.prepare:  # a pool's preparation, in a process of its own (the parent holds no device)
       tune = tuning_runs(comparison)
-      specs = tune if args.prepare == "tune" else final_runs(comparison, sweep.select_best(collect(tune, workdir),
-                                                                                          comparison.settings))
+      best = (lambda: sweep.select_best(collect(tune, workdir), comparison.settings))
+      specs = {"tune": lambda: tune, "final": lambda: final_runs(comparison, best()),
+               "seeds": lambda: seed_round(comparison, best(), workdir)}[args.prepare]()
       prepare_runs(comparison, specs)
       return
     if args.only:
@@ -448,6 +549,8 @@ def main(argv=None):
     print(report.settings_table)
   for path in report.plots:
     print(f"plot: {path}")
+  if report.undecided:
+    print(f"undecided against {comparison.baseline}: {', '.join(report.undecided)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -455,7 +558,9 @@ class Report:
   table: str            # results.md: the chosen setting of each method at each budget
   settings_table: str   # all_settings.md when a method was tuned ("" otherwise)
   plots: list[str]      # loss curves, then tuning plots
-  chosen: dict          # {(budget, method): [(train, validation, {set: loss}) per seed]}
+  chosen: dict          # {(budget, method): {seed: (train, validation, {set: loss})}} as reported
+  paired: dict          # {(budget, method): stats.Paired} of the final validation loss vs the baseline
+  undecided: list[str]  # "method at budget (n=...)" still undecided under a precision target
 
 
 def compare(comparison, workdir: str, quiet: bool = True, confirm: bool = False) -> Report:
@@ -470,27 +575,31 @@ def compare(comparison, workdir: str, quiet: bool = True, confirm: bool = False)
 def write_report(comparison, workdir: str, out) -> Report:
   chosen, every, best = out
   unit = load_config(comparison.config, comparison.common).budget.unit
-  table = write_tables(chosen, workdir, unit, {k: s.name for k, s in best.items()})
-  tuned = any(len([s for s in comparison.settings if s.method == m]) > 1 for m in comparison.methods)
-  settings_table = write_settings_table(every, workdir, unit) if tuned else ""
+  tried = compare_seeds.settings_tried(comparison)
+  tuned = any(n > 1 for n in tried.values())
+  notes, undecided = compare_seeds.precision_notes(comparison, chosen)
+  biased = [m for m in comparison.methods if compare_seeds.is_tuned(comparison, m)
+            and not compare_seeds.fresh_only(comparison, m)]
+  if biased:
+    notes.append(compare_report.BIASED_NOTE.format(methods=", ".join(biased)))
+  table = write_tables(chosen, workdir, unit, {k: s.name for k, s in best.items()}, comparison.baseline,
+                       tried if tuned else None, notes)
+  settings_table = write_settings_table(every, workdir, unit, comparison.baseline) if tuned else ""
   rows = lambda spec: _rows(os.path.join(workdir, spec.key))
-  curves = {b: {m: [rows(RunSpec(b, best[(b, m)], seed)) for seed in _seeds(comparison, best, b, m)]
-                for m in comparison.methods} for b in map(float, comparison.budgets)}
+  curves = {b: {m: {seed: rows(RunSpec(b, best[(b, m)], seed)) for seed in chosen[(b, m)]}
+                for m in comparison.methods if (b, m) in chosen} for b in map(float, comparison.budgets)}
+  write_eval_points(curves, workdir, unit, {k: s.name for k, s in best.items()})
   paths = plot_curves(curves, workdir, unit)
-  tuning = {(b, m): [(s.name, [rows(RunSpec(b, s, seed)) for seed in comparison.seeds], s == best[(b, m)])
+  tuning = {(b, m): [(s.name, {seed: rows(RunSpec(b, s, seed)) for seed in comparison.seeds}, s == best[(b, m)])
                      for s in comparison.settings if s.method == m]
             for b in map(float, comparison.budgets) for m in comparison.methods}
-  return Report(table, settings_table, paths + plot_tuning(tuning, workdir, unit), chosen)
+  return Report(table, settings_table, paths + plot_tuning(tuning, workdir, unit), chosen,
+                compare_seeds.paired_val(comparison, chosen), undecided)
 
 
 def _rows(where: str) -> list[dict]:
   """A run's metrics rows ([] for a run that stopped before logging any)."""
   return read_metrics(where) if os.path.exists(os.path.join(where, "metrics.jsonl")) else []
-
-
-def _seeds(comparison, best, budget, method) -> list[int]:
-  return list(comparison.seeds) + [s.seed for s in final_runs(comparison, best) if s.budget == budget
-                                   and s.setting.method == method]
 
 
 def _this_platform() -> str:

@@ -21,7 +21,9 @@ two keys share it) and trains under ``<workdir>/budget_<b>/<method>/<name>/seed_
 with one setting keeps ``<workdir>/budget_<b>/<method>/seed_<s>``. ``select_best`` picks, per
 method and budget, the setting with the lowest final validation loss (mean over the tuning
 seeds; ties go to the first in expansion order); ``selection.final_seeds`` re-runs the chosen
-ones with more seeds.
+ones with fresh seeds (a seed may not be both a tuning and a final seed), and the results table
+reports a tuned method on those fresh seeds only, with how many settings it tried: the best of
+several settings on the tuning seeds is favoured there (``compare_seeds.py``).
 """
 import dataclasses
 import itertools
@@ -131,12 +133,13 @@ def expand(methods: dict) -> list[Setting]:
 
 
 def mean_val(finals) -> float:
-  return float(np.mean([f[1] for f in finals]))
+  """The mean final validation loss of {seed: (train, val, sets)} (or a list of those)."""
+  return float(np.mean([f[1] for f in (finals.values() if isinstance(finals, dict) else finals)]))
 
 
 def select_best(results: dict, settings: list[Setting]) -> dict:
   """{(budget, method): the Setting whose final validation loss, mean over its seeds in
-  ``results`` ({(budget, Setting): [(train, val, sets) per seed]}), is lowest}."""
+  ``results`` ({(budget, Setting): {seed: (train, val, sets)}}), is lowest}."""
   best = {}
   for setting in settings:  # expansion order: the first of equals wins
     for (budget, s), finals in results.items():

@@ -156,8 +156,11 @@ def test_a_run_logs_several_named_validation_sets_and_the_comparison_tables_them
   results = {(1.0, "a"): [(5.0, 6.0, {"shakespeare loss": 7.0, "plain loss": 8.0}),
                           (5.5, 6.5, {"shakespeare loss": 7.5, "plain loss": 9.0})]}
   text = compare.write_tables(results, str(tmp_path), "steps")
-  assert "| final train loss | final validation loss | final plain loss | final shakespeare loss |" in text
-  assert "| 1 | a | 2 | 5.2500 +- 0.3536 | 6.2500 +- 0.3536 | 8.5000 +- 0.7071 | 7.2500 +- 0.3536 |" in text
+  assert ("| final train loss | final validation loss | validation loss vs a (paired) | final plain loss | "
+          "plain loss vs a (paired) | final shakespeare loss | shakespeare loss vs a (paired) |") in text
+  # mean [mean +- t(0.975, 1) s / sqrt(2)]: t = 12.706, s / sqrt(2) = half the spread of two seeds
+  assert ("| 1 | a | 2 | 5.2500 [2.0734, 8.4266] | 6.2500 [3.0734, 9.4266] | (baseline) | 8.5000 [2.1469, 14.8531] | "
+          "(baseline) | 7.2500 [4.0734, 10.4266] | (baseline) |") in text
   assert compare.final_set_losses(rows) == {"shakespeare loss": out["eval/shakespeare/loss"],
                                             "plain loss": out["eval/plain/loss"]}
   for spec, match in [("shakespeare", "not 'name:field=value"), ("x:seq_len=32", "cannot differ from the training"),

@@ -71,10 +71,14 @@ def test_best_settings_are_chosen_by_mean_validation_loss_and_tabled(tmp_path):
   best = sweep.select_best(results, base + s)
   assert best == {(60.0, "lion"): s[1], (60.0, "baseline"): base[0], (120.0, "lion"): s[2]}
   chosen = {(60.0, "baseline"): results[(60.0, base[0])], (60.0, "lion"): results[(60.0, s[1])]}
-  text = compare.write_tables(chosen, str(tmp_path), "rst_seconds", {k: v.name for k, v in best.items()})
-  assert "| budget (rst_seconds) | method | chosen setting | seeds | final train loss | final validation loss |" in text
-  assert "| 60 | lion | peak=0.0003 | 2 | 4.1000 +- 0.1414 | 6.1500 +- 0.0707 |" in text
-  assert "| 60 | baseline | - | 1 |" in text
+  text = compare.write_tables(chosen, str(tmp_path), "rst_seconds", {k: v.name for k, v in best.items()},
+                              tried={"lion": 3, "baseline": 1})
+  assert ("| budget (rst_seconds) | method | chosen setting | settings tried | seeds | final train loss | "
+          "final validation loss | validation loss vs baseline (paired) |") in text
+  # 2 seeds: mean +- 12.706 * s / sqrt(2) (s = 0.1414 and 0.0707); vs the baseline's one seed: no interval
+  assert ("| 60 | lion | peak=0.0003 | 3 | 2 | 4.1000 [2.8294, 5.3706] | 6.1500 [5.5147, 6.7853] | "
+          "-0.4000 (n=1, no interval) undecided |") in text
+  assert "| 60 | baseline | - | 1 | 1 |" in text
   table = compare.write_settings_table(results, str(tmp_path), "rst_seconds")
   lines = [l for l in table.splitlines() if "| lion |" in l]
   assert [l.split(" | ")[2] for l in lines] == ["peak=0.0003", "peak=0.0007", "peak=0.0001", "peak=0.0007",
@@ -114,7 +118,7 @@ def test_two_parallel_workers_give_the_results_of_one_and_a_killed_sweep_resumes
   assert "chosen setting" in open(os.path.join(two, "results.md")).read()
   assert os.path.exists(os.path.join(two, "all_settings.md")) and os.path.exists(os.path.join(two, "tuning_lion_0.4.png"))
   best = [l for l in open(os.path.join(two, "results.md")).read().splitlines() if "| lion |" in l][0]
-  assert "| 2 |" in best  # the chosen setting re-ran with the final seed
+  assert "| 2 | 1 |" in best  # 2 settings tried; the chosen one reported on its fresh final seed only
   # A sweep killed (SIGKILL) while its workers train: they stop with it (checkpointing); the same
   # command then finishes the sweep with the results of the uninterrupted one.
   three = str(tmp_path / "three")
@@ -214,6 +218,6 @@ def test_a_diverged_setting_ranks_last_and_every_final_run_is_a_worker_job(tmp_p
   settings = open(os.path.join(workdir, "all_settings.md")).read()
   lion = [l for l in settings.splitlines() if "| lion |" in l]
   assert "peak=0.0003" in lion[0] and "peak=0.001" in lion[1] and "diverged" in lion[1]  # last
-  assert "| lion | peak=0.0003 | 2 |" in open(os.path.join(workdir, "results.md")).read()
+  assert "| lion | peak=0.0003 | 2 | 1 |" in open(os.path.join(workdir, "results.md")).read()  # fresh seed 1 only
   compare.main([f"--config={path}", f"--workdir={workdir}"])  # a diverged run is finished: not re-run
   assert "budget_0.2/lion/peak=0.001/seed_0: already complete" in capsys.readouterr().out

@@ -17,10 +17,29 @@ it stops and changes nothing. A read that fails for a transient reason (storage 
 of memory) is not taken for corruption: the run stops and sets nothing aside.
 A checkpoint that reads fine but was written by another config is *foreign*: that is refused
 with the differences, never skipped (``CheckpointError``).
+
+Failed writes: a checkpoint that cannot be written (disk full, permission lost, I/O error; seen
+when its write ends, at once for a synchronous save, at the next save or ``wait`` for an
+asynchronous one) leaves nothing a resume could take for complete: orbax renames a step's folder
+into place only once every file is written, and the unfinished folder is removed at once (which
+frees its space). The checkpoints before it are untouched. ``on_write_error="stop"`` raises
+``CheckpointWriteError`` naming the step, the file and the reason, with the resume command;
+``"retry"`` prints that as a warning and lets the run go on to try again at its next checkpoint
+(``wait`` still raises: a checkpoint the run is about to stop on must exist).
+
+Orbax logs such failures (and corrupt reads) with tracebacks of its own, asyncio reports its
+abandoned tasks, and tensorstore leaves coroutines and callbacks whose errors Python prints when
+they are collected or arrive; the Checkpointer reports each failure once, so from its creation it
+drops those, and only those (``_quiet_orbax_noise``).
 """
+import gc
 import json
+import logging
 import os
+import re
 import shutil
+import sys
+import time
 import zlib
 
 import jax
@@ -35,6 +54,19 @@ TMP_MARK = ".orbax-checkpoint-tmp"  # orbax writes a step to <step>.orbax-checkp
 
 class CheckpointError(RuntimeError):
   pass
+
+
+class CheckpointWriteError(CheckpointError):
+  """A checkpoint could not be written (``step``, ``what``); nothing of it is kept, and the
+  checkpoints before it are intact (``latest``: the newest, or None)."""
+
+  def __init__(self, directory: str, step: int, what: str, latest: int | None, advice: str = ""):
+    self.step, self.what, self.latest = step, what, latest
+    kept = (f"the checkpoints before it are intact (latest: step {latest})" if latest is not None
+            else "no checkpoint was written before it")
+    self.brief = (f"checkpoint {directory}/{step} could not be written: {what}. Nothing of it was kept (its "
+                  f"unfinished folder was removed, so no resume can take it for complete); {kept}.")
+    super().__init__(self.brief + advice)
 
 
 class CorruptCheckpoint(CheckpointError):
@@ -105,6 +137,89 @@ def _first_line_of_cause(e: BaseException) -> str:
   return f"{type(e).__name__}: {text[0][:400] if text else ''}"
 
 
+def _write_failure(e: BaseException) -> str:
+  """'No space left on device (writing FILE)': the reason and the file of a failed write, from
+  an OSError or tensorstore's message (which carries the path and os_error_code)."""
+  while (e.__cause__ or e.__context__) is not None:
+    e = e.__cause__ or e.__context__
+  if isinstance(e, OSError) and e.errno:
+    reason, path = os.strerror(e.errno), e.filename
+  else:
+    text = str(e)
+    code = re.search(r"os_error_code\W*(\d+)", text)
+    path = re.search(r'Failed (?:writing|to write|to open|to create)[^"]*"([^"]+)"', text) or re.search(r'file "([^"]+)"', text)
+    path = path.group(1) if path else None
+    reason = os.strerror(int(code.group(1))) if code else _first_line_of_cause(e)
+  return f"{reason} (writing {path})" if path else reason
+
+
+def _folder_bytes(path: str) -> int:
+  total = 0
+  for folder, _, names in os.walk(path):
+    for name in names:
+      try:
+        total += os.path.getsize(os.path.join(folder, name))
+      except OSError:
+        pass
+  return total
+
+
+class _OrbaxNoise(logging.Filter):
+  """Drops orbax's error log records (with their tracebacks) about a failed save or read: the
+  Checkpointer raises or reports each of those itself, once."""
+
+  def filter(self, record):
+    if record.levelno < logging.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname:
+      return True
+    return not (record.exc_info or re.search(r"raised an exception|[Ff]ailed", str(record.msg)))
+
+
+class _OrbaxTasks(logging.Filter):
+  """Drops asyncio's "Task exception was never retrieved" for orbax's abandoned write tasks
+  (the failure they share is raised by the save)."""
+
+  def filter(self, record):
+    text = str(record.msg)
+    return not ("exception was never retrieved" in text and f"{os.sep}orbax{os.sep}" in text)
+
+
+def _quiet_orbax_noise() -> None:
+  """Installs the filters of what orbax, tensorstore and asyncio print about a failed read or
+  write: the Checkpointer raises or reports those failures itself, once."""
+  for name, kind in (("absl", _OrbaxNoise), ("asyncio", _OrbaxTasks)):
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, kind) for f in logger.filters):
+      logger.addFilter(kind())
+  if not isinstance(sys.unraisablehook, _QuietLeftovers):
+    sys.unraisablehook = _QuietLeftovers(sys.unraisablehook)
+
+
+class _QuietLeftovers:
+  """sys.unraisablehook that drops what a failed read or write leaves behind: the errors of
+  orbax's abandoned coroutines (``Exception ignored in: <coroutine object
+  _read_array_index_and_device_put ...>``, printed when they are collected, possibly at exit),
+  and tensorstore's completion callbacks arriving after orbax closed its event loop ("Event
+  loop is closed"). Everything else goes to the previous hook."""
+
+  def __init__(self, previous, sep=os.sep):
+    self.previous, self._marker = previous, f"{sep}orbax{sep}"
+
+  def __call__(self, unraisable):
+    code = getattr(unraisable.object, "cr_code", None) or getattr(unraisable.object, "gi_code", None)
+    if code is not None and self._marker in code.co_filename:
+      return
+    if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+      return  # a callback of the abandoned write arriving after orbax closed its event loop
+    self.previous(unraisable)
+
+
+def _quiet_orbax_leftovers() -> None:
+  """After a failed read or write has been handled: what orbax / tensorstore left of it is
+  collected now, silently (the hook is installed again if something replaced it)."""
+  _quiet_orbax_noise()
+  gc.collect()
+
+
 def _path_name(path) -> str:
   """'opt_state.1.mu.embedding': a tree path as orbax names the array."""
   parts = []
@@ -130,15 +245,21 @@ def _same_structure(saved, abstract) -> str | None:
 
 class Checkpointer:
 
-  def __init__(self, directory: str, keep: int, async_save: bool, writer: bool = True):
+  def __init__(self, directory: str, keep: int, async_save: bool, writer: bool = True,
+               on_write_error: str = "stop"):
     """``writer``: the run that owns the folder (it cleans up temporary directories left by a
-    killed run); tools that only read pass False."""
+    killed run); tools that only read pass False. ``on_write_error``: "stop" (a failed write
+    raises ``CheckpointWriteError``) or "retry" (``save`` warns and returns)."""
     self.directory = os.path.abspath(directory)
     self.writer = writer
+    self.on_write_error = on_write_error
+    self._async = async_save
+    self._writing = None  # the step of an asynchronous write in flight
+    self._failed = None  # the CheckpointWriteError of the newest attempt (on_write_error="retry")
+    self._leftovers = set()  # steps whose failed writes left a temporary folder to remove later
+    _quiet_orbax_noise()
     if writer and jax.process_index() == 0 and os.path.isdir(self.directory):
-      for name in os.listdir(self.directory):  # unfinished writes of a killed run (never a checkpoint)
-        if TMP_MARK in name:
-          shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+      self._remove_unfinished()  # unfinished writes of a killed run (never a checkpoint)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep or None, create=writer, enable_async_checkpointing=async_save)
     handlers = dict(state=ocp.StandardCheckpointHandler(), meta=ocp.JsonCheckpointHandler(),
@@ -156,16 +277,110 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return sorted(self._mngr.all_steps())
 
-  def save(self, step: int, state, meta: dict, feed: dict | None = None) -> None:
+  def save(self, step: int, state, meta: dict, feed: dict | None = None) -> bool:
     """``feed``: host-side numpy arrays of a batch-selection feed (carry, loss history). The
-    state's fingerprints are taken on the device before the (asynchronous) write starts."""
+    state's fingerprints are taken on the device before the (asynchronous) write starts.
+    Returns False when a write failed and ``on_write_error`` is "retry" (a warning is printed;
+    a failed asynchronous write of an earlier step surfaces here, and this step is tried
+    still); raises ``CheckpointWriteError`` when it is "stop"."""
     meta = meta | {"fingerprints": fingerprints(state)}
     items = dict(state=ocp.args.StandardSave(state))
     if feed is not None:
       items["feed"] = ocp.args.StandardSave(feed)
       meta["feed_fingerprint"] = feed_fingerprint(feed)
     items["meta"] = ocp.args.JsonSave(meta)
-    self._mngr.save(step, args=ocp.args.Composite(**items))
+    written = self._finish_previous()
+    self._remove_leftovers()
+    try:
+      self._mngr.save(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # pylint: disable=broad-except  (orbax / tensorstore raise anything)
+      return self._after_failure(self._write_failed(step, e))
+    self._failed = None  # the newest attempt is written (or, asynchronously, being written)
+    if self._async:
+      self._writing = step
+    return written
+
+  def _finish_previous(self) -> bool:
+    """Waits for the previous asynchronous write; False (retry) if it failed."""
+    try:
+      self._join()
+      return True
+    except CheckpointWriteError as e:
+      return self._after_failure(e)
+
+  def _join(self) -> None:
+    step, self._writing = self._writing, None
+    try:
+      self._mngr.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._write_failed(step if step is not None else -1, e) from None
+
+  def _after_failure(self, error: CheckpointWriteError) -> bool:
+    if self.on_write_error != "retry":
+      raise error
+    self._failed = error
+    if jax.process_index() == 0:
+      print(f"warning: {error.brief} Training goes on (checkpoint.on_write_error=retry) and tries again at the "
+            "next checkpoint.", flush=True)
+    return False
+
+  def _write_failed(self, step: int, e: BaseException) -> CheckpointWriteError:
+    """The error for a failed write of ``step``, after removing what it left (its unfinished
+    folder) and re-reading the folder's steps (orbax's own list may be off after a failure)."""
+    what = _write_failure(e)
+    _quiet_orbax_leftovers()  # from here on, what the failed write leaves behind is not printed
+    try:
+      self._mngr.wait_until_finished()  # the rest of the failed write, if still going
+    except Exception:  # pylint: disable=broad-except  (the same failure)
+      pass
+    if jax.process_index() == 0:
+      self._remove_unfinished(step, settle_s=5.0)
+    try:
+      self._mngr.reload()
+    except Exception:  # pylint: disable=broad-except  (the folder itself may be gone; latest_step says so)
+      pass
+    _quiet_orbax_leftovers()
+    latest = self._latest_on_disk()
+    size = ""
+    if latest is not None:
+      try:
+        free = shutil.disk_usage(self.directory).free
+        size = (f" (a checkpoint here takes {_folder_bytes(os.path.join(self.directory, str(latest))) / 2**20:.1f} "
+                f"MiB; {free / 2**20:.1f} MiB are free on its disk)")
+      except OSError:
+        pass
+    resume = f"resume from step {latest}" if latest is not None else "start the run afresh"
+    return CheckpointWriteError(
+        self.directory, step, what, latest,
+        f" Free space{size} or restore write access to {self.directory}, then re-run the same command to "
+        f"{resume}; or pass --config.checkpoint.on_write_error=retry to train on when a checkpoint fails and try "
+        "again at the next one.")
+
+  def _latest_on_disk(self) -> int | None:
+    try:
+      steps = [int(n) for n in os.listdir(self.directory) if n.isdigit()]
+    except OSError:
+      return None
+    return max(steps) if steps else None
+
+  def _remove_unfinished(self, step: int | None = None, settle_s: float = 0.0) -> None:
+    """Removes orbax's temporary folders (of ``step``, or all): never a checkpoint. After a
+    failed write, tensorstore may still be finishing writes into one: ``settle_s`` seconds are
+    allowed for it to stop; what is left then goes at the next save, close or start."""
+    deadline = time.monotonic() + settle_s
+    while True:
+      try:
+        names = [n for n in os.listdir(self.directory)
+                 if TMP_MARK in n and (step is None or n.split(".", 1)[0] == str(step))]
+      except OSError:
+        return
+      for name in names:
+        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+      if not names or time.monotonic() > deadline:
+        if names:
+          self._leftovers.add(step)
+        return
+      time.sleep(0.05)
 
   def restore_latest(self, abstract_state, expected_meta: dict, feed: bool = False, check_meta=None):
     """(step, state, meta, feed or None) of the newest checkpoint that restores, or None when
@@ -187,6 +402,7 @@ class Checkpointer:
           failed = CorruptCheckpoint(self.directory, step, "another host could not read it back as written")
       if failed is not None:
         corrupt.append(failed)
+        _quiet_orbax_leftovers()  # the failed read's abandoned coroutines: reported above, not again
         continue
       if corrupt and self.writer:
         self._set_aside(corrupt, step)
@@ -241,12 +457,7 @@ class Checkpointer:
     """Restores (state, meta) at ``step`` with the shardings of ``abstract_state``; raises
     ``CorruptCheckpoint`` when it cannot be read back as written, ``CheckpointError`` when it
     belongs to another config (``check_meta(step, meta)`` may refuse it first)."""
-    try:
-      meta = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-      if not isinstance(meta, dict):
-        raise ValueError(f"meta is {type(meta).__name__}, not a JSON object")
-    except Exception as e:  # pylint: disable=broad-except
-      raise _unreadable(self.directory, step, "meta/metadata: ", e) from e
+    meta = self._read_meta(step)
     if check_meta is not None:
       check_meta(step, meta)
     loose = expected_meta.get(LOOSE, {})  # {key: sub-fields that may differ (how a run computes, not what)}
@@ -291,10 +502,53 @@ class Checkpointer:
             "overwritten or damaged)")
     return state, meta
 
+  def _read_meta(self, step: int) -> dict:
+    """The meta of ``step`` (a JSON object in ``<step>/meta/metadata``); a missing, empty or
+    damaged file is a ``CorruptCheckpoint`` that names the file and what is wrong with it."""
+    path = os.path.join(self.directory, str(step), "meta", "metadata")
+    if not os.path.exists(path):  # another layout (orbax's own reader finds it), or truly missing
+      try:
+        meta = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+      except Exception as e:  # pylint: disable=broad-except
+        raise _unreadable(self.directory, step, "meta/metadata: ", e) from e
+    else:
+      try:
+        with open(path, "rb") as f:
+          data = f.read()
+      except OSError as e:
+        raise _unreadable(self.directory, step, "meta/metadata: ", e) from e
+      if not data.strip(b"\0 \n\t"):
+        raise CorruptCheckpoint(self.directory, step, f"{path} is empty ({len(data)} bytes): the run's position "
+                                "(step, data, progress) was not written completely")
+      try:
+        meta = json.loads(data.decode("utf-8"))
+      except (UnicodeDecodeError, ValueError) as e:
+        raise CorruptCheckpoint(self.directory, step, f"{path} is not valid JSON ({type(e).__name__}: "
+                                f"{str(e)[:120]}): it was truncated or overwritten") from None
+    if not isinstance(meta, dict):
+      raise CorruptCheckpoint(self.directory, step, f"{path} holds a JSON {type(meta).__name__}, not the object "
+                              "a checkpoint writes: it was overwritten")
+    return meta
+
   def wait(self) -> None:
-    self._mngr.wait_until_finished()
+    """Waits for an asynchronous write. Raises ``CheckpointWriteError`` when the newest
+    checkpoint asked for is not written, whatever ``on_write_error`` says: the caller (a stop,
+    a preemption, the end of the run) is about to rely on it."""
+    self._join()
+    if self._failed is not None:
+      raise self._failed
 
   def close(self) -> None:
-    self._mngr.wait_until_finished()
-    self._mngr.close()
+    """Finishes an asynchronous write (raising if it fails) and closes the manager."""
+    try:
+      self._join()
+    finally:
+      self._mngr.close()
+      self._remove_leftovers()
+
+  def _remove_leftovers(self) -> None:
+    if self._leftovers and jax.process_index() == 0:
+      steps, self._leftovers = self._leftovers, set()
+      for step in steps:
+        self._remove_unfinished(step)
 

@@ -19,6 +19,7 @@ from raptr_jax.optim.schedules import check_schedule
 from raptr_jax.plan import UNITS
 
 DATA_SOURCES = ("builtin", "files", "tfds", "synthetic", "c4", "wikipedia_books", "minipile")
+CHECKPOINT_WRITE_ERRORS = ("stop", "retry")  # checkpoint.on_write_error
 # Fields an extra validation set (eval.sets) may change: where its text comes from, nothing else.
 EVAL_SET_FIELDS = ("source", "files.", "tfds_names", "tfds_text_key", "tfds_splits", "tfds_data_dir")
 
@@ -191,8 +192,10 @@ def base_config() -> ml_collections.ConfigDict:
           max_train=0,             # > 0: the first this many training examples
           seed=0,                  # head init and batch order
           glue_task="mnli", tfds_data_dir=""))  # finetune_glue: glue/<task> prepared in tfds
-  c.checkpoint = dict(every=200, keep=2, async_save=True)  # every: steps; 0 = only at the end; keep: the
+  c.checkpoint = dict(every=200, keep=2, async_save=True,  # every: steps; 0 = only at the end; keep: the
                                                           # newest kept (>= 2, a fallback; 0 = all)
+                      on_write_error="stop")  # a checkpoint that cannot be written (disk full, ...): stop
+                                              # (with the resume command) | retry (warn, train on, try the next)
   c.log = dict(every=10, tensorboard=True, progress_bar=True,
                profile_steps=(),         # e.g. (10, 12): a jax.profiler trace of steps 10..12 into
                profile_dir="")           # WORKDIR/profile ("" ) or this folder (TensorBoard, Perfetto)
@@ -296,6 +299,9 @@ def validate(cfg) -> None:
   for name in ("every", "keep"):
     if cfg.checkpoint[name] < 0:
       raise ValueError(f"checkpoint.{name} must be >= 0, got {cfg.checkpoint[name]}")
+  if cfg.checkpoint.on_write_error not in CHECKPOINT_WRITE_ERRORS:
+    raise ValueError(f"checkpoint.on_write_error must be one of {CHECKPOINT_WRITE_ERRORS}, got "
+                     f"{cfg.checkpoint.on_write_error!r}")
   if cfg.checkpoint.keep == 1:
     raise ValueError("checkpoint.keep=1 leaves nothing to fall back to when the newest checkpoint is "
                      "corrupt; keep at least 2 (the default), or 0 to keep all")

@@ -11,7 +11,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from raptr_jax import config as config_lib
-from raptr_jax.cli import CONFIG as _CONFIG, parse_flags
+from raptr_jax.cli import CONFIG as _CONFIG, parse_flags, skip_absent_tpu
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (default: runs/<config>[-<preset>]).")
 
@@ -29,6 +29,7 @@ def main(argv):
     raise app.UsageError("--config is required, e.g. --config=configs/ul2.py")
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  skip_absent_tpu()  # no libtpu start-up errors on a machine without a TPU
   cfg = _CONFIG.value
   try:
     config_lib.validate(cfg)

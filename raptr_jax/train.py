@@ -102,17 +102,32 @@ def _eval_text(evals: dict) -> str:
   return ", ".join(f"{k.removeprefix('downstream/')} {v:.4f}" for k, v in evals.items())
 
 
-def _check_finite(host_metrics, step, fraction, checkpointer):
-  """Stops before a non-finite state can be logged as progress or saved over good checkpoints."""
+def _check_finite(host_metrics, step, fraction, checkpointer, cfg):
+  """Stops before a non-finite state can be logged as progress or saved over good checkpoints,
+  with advice that works when followed: resuming under a lower learning rate is a config change,
+  so it names train.allow_config_changes (which records the change in starts.jsonl)."""
   bad = {k: float(host_metrics[k]) for k in ("loss", "grad_norm", "update_norm")
          if not math.isfinite(float(host_metrics[k]))}
   if bad:
-    checkpointer.wait()
-    raise TrainingError(
-        f"non-finite training metrics {bad} at step {step} ({fraction:.1%} of the budget). "
-        f"Checkpoints already written are intact (latest: step {checkpointer.latest_step()}); "
-        "lower schedule.peak or raise schedule.warmup / optimizer.grad_clip, then re-run the "
-        "same command to resume from the latest checkpoint.")
+    try:
+      checkpointer.wait()
+    except ckpt_lib.CheckpointWriteError as e:  # reported, but the divergence is what stops the run
+      print(f"warning: {e.brief}")
+    raise TrainingError(f"non-finite training metrics {bad} at step {step} ({fraction:.1%} of the budget). "
+                        + _divergence_advice(checkpointer.latest_step(), cfg))
+
+
+def _divergence_advice(latest: int | None, cfg) -> str:
+  lower = f"--config.schedule.peak={cfg.schedule.peak / 10:g}"
+  others = ("a longer --config.schedule.warmup or a lower --config.optimizer.grad_clip may help too, "
+            "given the same way")
+  if latest is None:
+    return (f"No checkpoint was written yet, so nothing is lost: re-run the same command with a lower learning "
+            f"rate, e.g. {lower} (the run starts afresh; {others}).")
+  return (f"Checkpoints already written are intact (latest: step {latest}). To resume from it with a lower "
+          f"learning rate, re-run the same command with e.g. {lower} --config.train.allow_config_changes=True "
+          f"(the change is recorded with its step in starts.jsonl; {others}). If it diverges again right after "
+          f"step {latest}, that checkpoint is already damaged: start afresh with the lower rate in a new --workdir.")
 
 
 def initialize_distributed(d) -> None:
@@ -163,10 +178,11 @@ def train(cfg, workdir: str) -> dict:
   lead = jax.process_index() == 0
   fresh = not ckpt_lib.Checkpointer.has_steps(os.path.join(workdir, "checkpoints"))
   cfg, source = pretrained_lib.resolve(cfg, workdir, announce=lead and fresh)
-  os.makedirs(workdir, exist_ok=True)
+  workdir_lib.make_workdir(workdir)  # a path that is a file is refused by name
   with (preemption_lib.Preemption() as preemption, workdir_lib.WorkdirLock(workdir, enabled=lead),
         contextlib.closing(ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint.keep,
-                                                 cfg.checkpoint.async_save)) as checkpointer):
+                                                 cfg.checkpoint.async_save,
+                                                 on_write_error=cfg.checkpoint.on_write_error)) as checkpointer):
     return _train(cfg, workdir, preemption, lead, checkpointer, source)
 
 
@@ -250,6 +266,7 @@ def _train(cfg, workdir: str, preemption, lead: bool, checkpointer, source=None)
   config_record = workdir_lib.flat_config(cfg)
 
   def save(step, state, progress, tokens):
+    writer.flush()  # TensorBoard and metrics.jsonl hold every step up to each checkpoint (kill -9 included)
     checkpointer.save(step, state, expected_meta | {
         "step": step, "progress": progress, "tokens": tokens, "wall_s": wall(), "usage": dict(usage),
         "stage": state_stage, "data": pipeline.gather_state(batches.get_state()), "metrics_rows": writer.rows, "config": config_record},
@@ -319,7 +336,7 @@ def _train(cfg, workdir: str, preemption, lead: bool, checkpointer, source=None)
       row = {}
       if do_log or do_save:
         host = jax.device_get(m)
-        _check_finite(host, step, fraction, checkpointer)
+        _check_finite(host, step, fraction, checkpointer, cfg)
       if do_log:
         row = {"progress": fraction, "progress_units": progress, "stage": stage_index,
                "lr": host["lr"], "grad_norm": host["grad_norm"], "update_norm": host["update_norm"],
@@ -350,7 +367,7 @@ def _train(cfg, workdir: str, preemption, lead: bool, checkpointer, source=None)
         save(step, state, progress, tokens)
       if preemption.requested(step) and progress < budget:  # (at the budget the run has just finished)
         if not do_save:
-          _check_finite(jax.device_get(m), step, fraction, checkpointer)  # never save a diverged state
+          _check_finite(jax.device_get(m), step, fraction, checkpointer, cfg)  # never save a diverged state
           save(step, state, progress, tokens)
         checkpointer.wait()
         message = (f"{preemption.signal}: checkpoint {checkpointer.directory}/{step} written at step {step} "
@@ -368,6 +385,7 @@ def _train(cfg, workdir: str, preemption, lead: bool, checkpointer, source=None)
     batches.close()
     bar.close()
     writer.close()
+  checkpointer.wait()  # the final checkpoint is written (or its failure reported) before "done"
   if lead:
     print(f"done: {step} steps, eval/loss {last.get('eval/loss', float('nan')):.4f}\n"
           f"outputs in {os.path.abspath(workdir)}: metrics.jsonl, tensorboard/, checkpoints/")

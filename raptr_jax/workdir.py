@@ -76,9 +76,12 @@ class WorkdirLock:
           "Wait for it to finish, stop it (it checkpoints on SIGTERM), or use another --workdir.") from None
     f.seek(0)
     f.truncate()
-    f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": _now(),
-                        "command": " ".join(sys.argv)}) + "\n")
-    f.flush()
+    try:  # who holds it, for the message of a refused second run (the flock is the lock)
+      f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": _now(),
+                          "command": " ".join(sys.argv)}) + "\n")
+      f.flush()
+    except OSError:  # a full disk: the lock holds all the same; record_start says what is wrong
+      f.truncate(0)
     self._file = f
     return self
 
@@ -87,6 +90,33 @@ class WorkdirLock:
       self._file.close()  # closing releases the flock
       self._file = None
     return False
+
+
+def make_workdir(workdir: str) -> None:
+  """Creates ``workdir`` (and its parents) if missing; a path that is a file, or lies under one,
+  or cannot be created is refused with what to change (``NotADirectoryError`` / ``OSError``)."""
+  path = os.path.abspath(workdir)
+  if os.path.isfile(path):
+    raise NotADirectoryError(f"--workdir {path} is a file, not a folder: give the path of a folder (it is "
+                             "created when missing), e.g. a new name beside it")
+  try:
+    os.makedirs(path, exist_ok=True)
+  except FileExistsError:  # something that is neither a file nor a folder (a broken link, ...)
+    raise NotADirectoryError(f"--workdir {path} exists and is not a folder: give the path of a folder") from None
+  except NotADirectoryError:
+    parent = next(p for p in _parents(path) if os.path.exists(p) and not os.path.isdir(p))
+    raise NotADirectoryError(f"--workdir {path} lies under {parent}, which is a file, not a folder: give a "
+                             "path whose parents are folders") from None
+  except OSError as e:
+    raise OSError(f"cannot create --workdir {path}: {e.strerror}; choose a folder you can write to") from None
+
+
+def _parents(path: str) -> list[str]:
+  parents = []
+  while os.path.dirname(path) != path:
+    path = os.path.dirname(path)
+    parents.append(path)
+  return parents[::-1]
 
 
 def _now() -> str:
@@ -191,10 +221,29 @@ def record_start(workdir: str, cfg, step: int, changes: dict) -> None:
   flat = flat_config(cfg)
   entry = {"step": step, "time": _now(), "host": socket.gethostname(), "command": " ".join(sys.argv),
            "changes": {k: list(v) for k, v in changes.items()}, "config": flat}
-  with open(os.path.join(workdir, "starts.jsonl"), "a") as f:
-    f.write(json.dumps(entry) + "\n")
+  starts = os.path.join(workdir, "starts.jsonl")
+  size = os.path.getsize(starts) if os.path.exists(starts) else 0
   tmp = os.path.join(workdir, "config.json.tmp")
-  with open(tmp, "w") as f:
-    json.dump(cfg.to_dict(), f, indent=2, sort_keys=True, default=str)
-    f.write("\n")
-  os.replace(tmp, os.path.join(workdir, "config.json"))
+  writing = starts
+  try:
+    with open(starts, "a") as f:
+      f.write(json.dumps(entry) + "\n")
+    writing = tmp
+    with open(tmp, "w") as f:
+      json.dump(cfg.to_dict(), f, indent=2, sort_keys=True, default=str)
+      f.write("\n")
+    os.replace(tmp, os.path.join(workdir, "config.json"))
+  except OSError as e:
+    _undo(starts, size, tmp)
+    raise OSError(f"cannot write {writing} at the start of the run: {e.strerror or e}; nothing was changed in "
+                  f"{workdir}. Free space or restore write access there, then re-run the same command") from None
+
+
+def _undo(starts: str, size: int, tmp: str) -> None:
+  """Cuts ``starts.jsonl`` back to ``size`` bytes and removes ``tmp`` (a failed record_start)."""
+  for action in (lambda: os.truncate(starts, size) if os.path.exists(starts) else None,
+                 lambda: os.remove(tmp) if os.path.exists(tmp) else None):
+    try:
+      action()
+    except OSError:
+      pass

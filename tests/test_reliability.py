@@ -383,3 +383,29 @@ def test_resume_allows_how_fields_refuses_changed_files_and_fingerprints_any_lay
   err = ckpt_lib._unreadable("d", 4, "state/: ", ValueError("UNAVAILABLE: connection reset"))  # pylint: disable=protected-access
   assert type(err) is ckpt_lib.CheckpointError and "transient" in str(err)
   assert isinstance(ckpt_lib._unreadable("d", 4, "state/: ", ValueError("OUT_OF_RANGE: x")), ckpt_lib.CorruptCheckpoint)  # pylint: disable=protected-access
+
+
+def test_after_sigkill_between_checkpoints_tensorboard_holds_every_step_once(tmp_path):
+  """TensorBoard events are written at each logged step and synced with each checkpoint, so a
+  run killed between checkpoints and resumed shows every step exactly once, with the values of
+  metrics.jsonl (tensorboardX's queue lost the steps before the checkpoint a resume purges from)."""
+  tb = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+  extra = ("--config.budget.value=20", "--config.checkpoint.every=5", "--config.log.tensorboard=True")
+  where = tmp_path / "run"
+  proc = _start(where, *extra)
+  # Soon after the checkpoint of step 5 (row 0 is the evaluation at the start), before step 10's:
+  # tensorboardX's buffered writer had not written any of steps 1-5 to the file by then.
+  _wait_for(lambda: os.path.isdir(where / "checkpoints" / "5") and _logged_steps(where) >= 7, proc)
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.communicate()
+  assert [d for d in os.listdir(where / "checkpoints") if d.isdigit()] == ["5"]
+  out, _ = _start(where, *extra).communicate(timeout=240)
+  assert "done: 20 steps" in out and "checkpoints/5 at" in out, out
+  rows = read_metrics(where)
+  assert [r["step"] for r in rows] == list(range(21))
+  acc = tb.EventAccumulator(str(where / "tensorboard"))
+  acc.Reload()
+  for tag in ("train/loss", "grad_norm"):
+    events = acc.Scalars(tag)
+    assert [e.step for e in events] == list(range(1, 21)), tag
+    np.testing.assert_allclose([e.value for e in events], [r[tag] for r in rows[1:]], rtol=1e-6)

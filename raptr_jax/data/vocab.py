@@ -153,7 +153,10 @@ class SentencePieceVocabulary(BaseVocabulary):
     self.model_path, self.files = model_path, (model_path,)
     self.extra_ids = self._appended = extra_ids
     try:
-      self._sp = spm.SentencePieceProcessor(model_proto=_read_bytes(model_path))
+      proto = _read_bytes(model_path)
+      if not proto:
+        raise _empty(model_path, "a SentencePiece .model file")
+      self._sp = spm.SentencePieceProcessor(model_proto=proto)
     except (RuntimeError, OSError) as e:
       raise ValueError(
           f"data.vocab_path={model_path!r} is not a SentencePiece model file ({str(e).splitlines()[0][:160]}). "
@@ -250,6 +253,8 @@ class TokenizerVocabulary(BaseVocabulary):
   @classmethod
   def from_tokenizer_json(cls, path: str, extra_ids: int = 100):
     from tokenizers import Tokenizer  # pylint: disable=g-import-not-at-top
+    if _is_empty(path):
+      raise _empty(path, "a Hugging Face tokenizer.json")
     try:
       tokenizer = Tokenizer.from_file(path)
     except Exception as e:  # pylint: disable=broad-except  (tokenizers raises a bare Exception)
@@ -264,6 +269,8 @@ class TokenizerVocabulary(BaseVocabulary):
     number), with ``tokenizer_config.json``'s ``do_lower_case`` / ``strip_accents`` /
     ``tokenize_chinese_chars`` when it is beside it (BertTokenizer's defaults otherwise)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers  # pylint: disable=g-import-not-at-top
+    if _is_empty(path):
+      raise _empty(path, "a BERT WordPiece vocab.txt")
     try:
       with open(path, encoding="utf-8") as f:
         vocab = {line.rstrip("\n"): i for i, line in enumerate(f)}
@@ -377,6 +384,20 @@ def _read_json(path: str) -> dict:
 def _missing(path: str) -> FileNotFoundError:
   return FileNotFoundError(f"data.vocab_path={path!r} does not exist; set it to {KINDS}, or leave it empty for "
                            "the built-in vocabulary")
+
+
+def _is_empty(path: str) -> bool:
+  """Whether ``path`` holds no bytes, or only white space."""
+  if not os.path.isfile(path):
+    return False
+  size = os.path.getsize(path)
+  return size == 0 or (size < 64 and not _read_bytes(path).strip())
+
+
+def _empty(path: str, kind: str) -> ValueError:
+  return ValueError(f"data.vocab_path={path!r} is empty (the file holds no data; a copy or download that did "
+                    f"not finish?): it should be {kind}. Copy the complete file again, or leave data.vocab_path "
+                    "empty for the built-in vocabulary.")
 
 
 def _exists(path: str) -> bool:

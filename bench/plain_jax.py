@@ -66,8 +66,9 @@ def run_layers(x, stacked, positions):
 
 def loss_from_hidden(params, x, targets):
   logits = jnp.einsum("btd,dv->btv", rms_norm(x, params["final_norm"]), params["head"])
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
-  return -jnp.mean(jnp.take_along_axis(log_probs, targets[..., None], axis=-1))
+  logits = logits.astype(jnp.float32)
+  gold = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - gold)
 
 
 def positions_of(inputs):

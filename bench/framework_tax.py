@@ -79,10 +79,37 @@ def fresh_state(run, params):
   return dataclasses.replace(run.init(), params=jax.tree.map(jnp.array, params))
 
 
-def check_same_model(name, cfg, run, stage, params, batch, ref_batch, step_fn, ref_step, opt_state):
+@dataclasses.dataclass
+class Pair:
+  """A variant's project step and plain-JAX step on the same parameters and batch."""
+  run: object
+  stage: object
+  step_fn: object     # the project's compiled train step of ``stage``
+  params: dict        # host copy of the initial parameters both start from
+  batch: dict         # the project's device batch
+  ref_batch: dict     # the same tokens for the plain step
+  ref_step: object
+  opt_state: object   # the plain step's initial optimizer state
+
+
+def setup_pair(name: str, cfg) -> Pair:
+  run, stage = project_variant(cfg, name)
+  params = jax.device_get(run.init().params)
+  host = synthetic_batch(cfg.data.batch_size, cfg.data.seq_len, run.model_cfg.vocab_size)
+  lr_fn = run.steps.ctx.lr_fn
+  tx = plain_jax.adamw(params, lambda count: lr_fn(count / TOTAL_STEPS))
+  return Pair(run, stage, run.steps.train_step(stage), params, run.device_batch(host),
+              {k: jnp.asarray(host[k]) for k in ("inputs", "targets")},
+              plain_jax.make_step(reference_loss(name, cfg), tx), tx.init(params))
+
+
+def check_same_model(name, cfg, pair: Pair):
   """Asserts the two compute the same: full-model losses over 3 steps, or a subnetwork's loss
-  under one explicit draw. Returns (params, state) to time from (the steps donate theirs)."""
+  under one explicit draw. Returns (project state, plain params, plain optimizer state, what
+  was compared) to time from (the steps donate their inputs)."""
   from flax import nnx
+  run, params, batch, ref_batch = pair.run, pair.params, pair.batch, pair.ref_batch
+  step_fn, ref_step, opt_state = pair.step_fn, pair.ref_step, pair.opt_state
   L, S, B = cfg.model.num_layers, cfg.data.seq_len, cfg.data.batch_size
   if name == "full":
     state = fresh_state(run, params)
@@ -110,18 +137,9 @@ def check_same_model(name, cfg, run, stage, params, batch, ref_batch, step_fn, r
 
 
 def measure(name: str, cfg, rounds: int, steps: int) -> dict:
-  run, stage = project_variant(cfg, name)
-  step_fn = run.steps.train_step(stage)
-  params = jax.device_get(run.init().params)
-  host = synthetic_batch(cfg.data.batch_size, cfg.data.seq_len, run.model_cfg.vocab_size)
-  batch = run.device_batch(host)
-  ref_batch = {k: jnp.asarray(host[k]) for k in ("inputs", "targets")}
-  lr_fn = run.steps.ctx.lr_fn
-  tx = plain_jax.adamw(params, lambda count: lr_fn(count / TOTAL_STEPS))
-  ref_step = plain_jax.make_step(reference_loss(name, cfg), tx)
-  opt_state = tx.init(params)
-  state, ref_params, opt_state, check = check_same_model(name, cfg, run, stage, params, batch, ref_batch, step_fn,
-                                                         ref_step, opt_state)
+  pair = setup_pair(name, cfg)
+  step_fn, ref_step, batch, ref_batch = pair.step_fn, pair.ref_step, pair.batch, pair.ref_batch
+  state, ref_params, opt_state, check = check_same_model(name, cfg, pair)
   first_call = {}
   for i in range(3):  # the compile, then a call on the step's own output layout, then one more
     t = time.perf_counter()
@@ -145,7 +163,7 @@ def measure(name: str, cfg, rounds: int, steps: int) -> dict:
       jax.block_until_ready(m if who == 0 else loss)
       (ours if who == 0 else theirs).append((time.perf_counter() - t) / steps)
   project_s, reference_s = statistics.median(ours), statistics.median(theirs)
-  return dict(variant=name, stage=stage.name, project_ms=project_s * 1e3, reference_ms=reference_s * 1e3,
+  return dict(variant=name, stage=pair.stage.name, project_ms=project_s * 1e3, reference_ms=reference_s * 1e3,
               ratio=project_s / reference_s, check=check, rounds=rounds, steps=steps,
               first_call_s=first_call)
 

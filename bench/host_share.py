@@ -49,30 +49,28 @@ def variant_config(config: str, variant: str, steps: int, window: int, overrides
   return cfg
 
 
-def loop_time(cfg, workdir: str, window: int) -> tuple[float, float]:
-  """(seconds per step in the loop's steady state, scoring passes per step)."""
+def loop_time(cfg, workdir: str, window: int) -> tuple[float, dict]:
+  """(seconds per step in the loop's steady state, its last steady-state metrics row)."""
   train_lib.train(cfg, workdir)
   rows = [r for r in read_metrics(workdir) if "step_time" in r and r["step"] > window]
   if not rows:
     raise SystemExit(f"no steady-state rows in {workdir}/metrics.jsonl: raise --steps above 2 x --window")
-  seconds = sum(r["step_time"] * window for r in rows) / (window * len(rows))
-  last = rows[-1]
-  return seconds, passes_per_step(cfg, last)
+  return sum(r["step_time"] for r in rows) / len(rows), rows[-1]
 
 
-def passes_per_step(cfg, row) -> float:
+def passes_per_step(plan, row) -> float:
   """Scoring passes per step of a batch-selection run, from the tokens it charged."""
-  run = train_lib.setup(cfg, need_costs=False)
-  scoring = run.plan.scoring
-  if scoring is None:
+  if plan.scoring is None:
     return 0.0
-  plain = row["step"] * run.plan.tokens_per_step
-  return max(0.0, row["tokens"] - plain) / scoring.tokens / row["step"]
+  plain = row["step"] * plan.tokens_per_step
+  return max(0.0, row["tokens"] - plain) / plan.scoring.tokens / row["step"]
 
 
-def device_time(cfg, passes: float, steps: int) -> float:
-  """Seconds per step of the compiled functions alone, back to back on one device batch."""
+def device_time(cfg, loop_row: dict, steps: int) -> tuple[float, float]:
+  """(seconds per step of the compiled functions alone, back to back on one device batch;
+  scoring passes per step of the loop whose last metrics row is ``loop_row``)."""
   run = train_lib.setup(cfg)
+  passes = passes_per_step(run.plan, loop_row)
   state = run.init()
   scoring = run.plan.scoring
   rows = scoring.rows if scoring else cfg.data.batch_size
@@ -116,7 +114,7 @@ def device_time(cfg, passes: float, steps: int) -> float:
     from raptr_jax.data.pipeline import MAX_SEGMENTS  # pylint: disable=g-import-not-at-top
     score = run.steps.score_step(MAX_SEGMENTS)
     seconds += passes * timed(lambda: score(holder["state"].params, candidates), steps)
-  return seconds
+  return seconds, passes
 
 
 def main(argv=None):
@@ -132,8 +130,8 @@ def main(argv=None):
   for variant in args.variants.split(","):
     cfg = variant_config(args.config, variant, args.steps, args.window, args.set)
     with tempfile.TemporaryDirectory() as workdir:
-      loop_s, passes = loop_time(cfg, workdir, args.window)
-    device_s = device_time(cfg, passes, max(args.window, 10))
+      loop_s, loop_row = loop_time(cfg, workdir, args.window)
+    device_s, passes = device_time(cfg, loop_row, max(args.window, 10))
     row = dict(variant=variant, loop_ms=loop_s * 1e3, device_ms=device_s * 1e3, host_share=1 - device_s / loop_s,
                passes_per_step=passes)
     rows.append(row)

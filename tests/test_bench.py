@@ -5,7 +5,6 @@ import os
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -53,17 +52,10 @@ def test_plain_jax_reference_is_the_projects_model(variant):
   """The framework tax compares like with like: the plain-JAX loss equals the project's (the full
   model's over three optimizer steps; a subnetwork's under the same layer or token draw)."""
   cfg = framework_tax.config("tiny", [])
-  run, stage = framework_tax.project_variant(cfg, variant)
-  params = jax.device_get(run.init().params)
-  from raptr_jax.data.pipeline import synthetic_batch
-  host = synthetic_batch(cfg.data.batch_size, cfg.data.seq_len, run.model_cfg.vocab_size)
-  ref_batch = {k: jnp.asarray(host[k]) for k in ("inputs", "targets")}
-  lr_fn = run.steps.ctx.lr_fn
-  tx = plain_jax.adamw(params, lambda count: lr_fn(count / framework_tax.TOTAL_STEPS))
-  step = plain_jax.make_step(framework_tax.reference_loss(variant, cfg), tx)
+  pair = framework_tax.setup_pair(variant, cfg)
+  params, ref_batch = pair.params, pair.ref_batch
   # check_same_model asserts the agreement itself (np.testing), and says what it compared
-  *_, said = framework_tax.check_same_model(variant, cfg, run, stage, params, run.device_batch(host), ref_batch,
-                                            run.steps.train_step(stage), step, tx.init(params))
+  *_, said = framework_tax.check_same_model(variant, cfg, pair)
   assert "agree" in said
   if variant == "full":  # and the reference is not trivially equal: a changed parameter changes its loss
     changed = jax.tree.map(np.array, params)

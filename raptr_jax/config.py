@@ -34,9 +34,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = dict(data=-1, stage=1, fsdp=1, tensor=1)  # stage: pipeline devices (interlocking backprop)
   # Multi-process runs (jax.distributed.initialize): initialize=True with nothing else detects the
   # cluster (TPU pods, Slurm); or name the coordinator, the process count and this process's id
-  # (several processes on one machine: localhost:PORT); timeout_s: how long to wait for them.
+  # (several processes on one machine: localhost:PORT); timeout_s: how long to wait for them at the
+  # start; heartbeat_s: a process silent this long counts as lost, and the others stop with a message
+  # and exit code 75 (raptr_jax/cluster.py).
   c.distributed = dict(initialize=False, coordinator_address="", num_processes=0, process_id=-1,
-                       timeout_s=300)
+                       timeout_s=300, heartbeat_s=30)
   c.model = dict(
       family="decoder",                # decoder | bert | t5
       vocab_size=0,                    # 0: the vocabulary's size; padded to a multiple of vocab_multiple

@@ -45,7 +45,7 @@ def main(argv):
     sys.exit("interrupted twice: stopped without a checkpoint of the current step; re-run the same "
              "command to resume from the latest checkpoint")
   except (ValueError, OSError, train.TrainingError, train.ckpt_lib.CheckpointError,
-          train.workdir_lib.WorkdirBusy) as e:
+          train.workdir_lib.WorkdirBusy, train.cluster.ClusterError) as e:
     sys.exit(f"error: {e}")
 
 

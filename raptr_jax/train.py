@@ -21,22 +21,23 @@ the newest checkpoint that reads back intact (corrupt ones are set aside,
 (``metrics.MetricWriter.start``); SIGTERM / SIGINT finish the step, checkpoint it and raise
 ``preemption.Preempted``.
 
-Several processes (``distributed``, ``initialize_distributed``): each host reads only its shards
+Several processes (``distributed``, ``cluster.initialize``): each host reads only its shards
 of the training stream (``pipeline.HostStream``, ``data.shards``) and puts its rows on the mesh;
-a checkpoint gathers every shard's position. ``log.profile_steps`` traces chosen steps
+a checkpoint gathers every shard's position; a lost process stops the others with a message
+(``cluster``). ``log.profile_steps`` traces chosen steps
 (``profiling.StepProfiler``).
 """
 import contextlib
 import json
 import math
 import os
-import socket
 import time
 
 import jax
 import jax.numpy as jnp
 
 from raptr_jax import checkpoint as ckpt_lib
+from raptr_jax import cluster
 from raptr_jax import config as config_lib
 from raptr_jax import flops as flops_lib
 from raptr_jax import metrics as metrics_lib
@@ -130,51 +131,13 @@ def _divergence_advice(latest: int | None, cfg) -> str:
           f"step {latest}, that checkpoint is already damaged: start afresh with the lower rate in a new --workdir.")
 
 
-def initialize_distributed(d) -> None:
-  """``jax.distributed.initialize`` from the ``distributed`` section. A coordinator that cannot
-  be reached is reported after ``timeout_s`` (JAX itself would abort the process with a stack
-  trace); the coordinator's own port is checked before it starts listening."""
-  if not d.coordinator_address:  # the cluster tells JAX (TPU pods, Slurm, ...)
-    jax.distributed.initialize(initialization_timeout=int(d.timeout_s))
-    return
-  if d.num_processes < 1 or not 0 <= d.process_id < d.num_processes:
-    raise ValueError(f"distributed.coordinator_address is set: distributed.num_processes (>= 1) and "
-                     f"distributed.process_id (0 .. num_processes - 1) must be too, got {d.num_processes} and "
-                     f"{d.process_id}")
-  host, _, port = d.coordinator_address.rpartition(":")
-  if not host or not port.isdigit():
-    raise ValueError(f"distributed.coordinator_address={d.coordinator_address!r} must be HOST:PORT, e.g. localhost:12355")
-  if d.process_id == 0:
-    with socket.socket() as probe:
-      probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-      try:
-        probe.bind(("", int(port)))  # JAX's coordinator listens on every interface
-      except OSError as e:
-        raise TrainingError(f"process 0 coordinates the run at {d.coordinator_address}, but cannot listen "
-                            f"there ({e.strerror}): another run may hold the port; choose another port") from None
-  else:
-    deadline = time.monotonic() + float(d.timeout_s)
-    while True:
-      try:
-        socket.create_connection((host, int(port)), timeout=5).close()
-        break
-      except OSError as e:
-        if time.monotonic() > deadline:
-          raise TrainingError(f"process {d.process_id} could not reach the coordinator at {d.coordinator_address} "
-                              f"within distributed.timeout_s={d.timeout_s:g} s ({e.strerror or e}): start process 0 "
-                              "with the same address, check the host name and that the port is open") from None
-        time.sleep(0.5)
-  jax.distributed.initialize(coordinator_address=d.coordinator_address, num_processes=int(d.num_processes),
-                             process_id=int(d.process_id), initialization_timeout=int(d.timeout_s))
-
-
 def train(cfg, workdir: str) -> dict:
   """Trains (or resumes) the run of ``cfg`` in ``workdir``; returns the final metrics.
 
   The workdir is locked for the run (a second run on it is refused); SIGTERM / SIGINT
   checkpoint the current step and raise ``preemption.Preempted`` (a ``SystemExit``)."""
   if cfg.distributed.initialize:
-    initialize_distributed(cfg.distributed)
+    cluster.initialize(cfg.distributed, workdir)
   lead = jax.process_index() == 0
   fresh = not ckpt_lib.Checkpointer.has_steps(os.path.join(workdir, "checkpoints"))
   cfg, source = pretrained_lib.resolve(cfg, workdir, announce=lead and fresh)
@@ -183,7 +146,13 @@ def train(cfg, workdir: str) -> dict:
         contextlib.closing(ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint.keep,
                                                  cfg.checkpoint.async_save,
                                                  on_write_error=cfg.checkpoint.on_write_error)) as checkpointer):
-    return _train(cfg, workdir, preemption, lead, checkpointer, source)
+    try:
+      return _train(cfg, workdir, preemption, lead, checkpointer, source)
+    except jax.errors.JaxRuntimeError as e:  # a collective whose peer died: report it and exit (75)
+      cluster.exit_if_peer_lost(e)
+      raise
+    finally:  # the others must not take this process for lost while it leaves
+      cluster.stop_heartbeat()
 
 
 def _train(cfg, workdir: str, preemption, lead: bool, checkpointer, source=None) -> dict:
